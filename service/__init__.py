@@ -1,0 +1,1 @@
+"""propserve's server: a transport-free core, the model store, and gRPC and REST adapters."""
