@@ -1,0 +1,41 @@
+"""propserve's engine: multi-layer perceptrons in pure NumPy.
+
+Forward propagation to predict, backward propagation to learn, optimizers with torch.optim's
+semantics, and state as safetensors bytes. No I/O, no threads of its own.
+
+    spec = ModelSpec.from_dict({"input_dim": 64, "layers": [{"units": 64, "activation": "relu"},
+                                {"units": 10}], "loss": "softmax_cross_entropy",
+                                "optimizer": {"name": "adam", "lr": 1e-3}})
+    net = Network(spec)
+    result = net.train_step(x, labels)       # TrainResult(loss, accuracy, step)
+    probabilities = net.forward(x)
+"""
+
+from engine.errors import DivergedError, EngineError, InputError, SpecError, StateError
+from engine.inputs import check_inputs, check_targets
+from engine.network import Network, Params, TrainResult, forward
+from engine.serialization import dump_network, load_network
+from engine.spec import DEFAULT_MAX_PARAMS, LayerSpec, ModelSpec, OptimizerSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MAX_PARAMS",
+    "DivergedError",
+    "EngineError",
+    "InputError",
+    "LayerSpec",
+    "ModelSpec",
+    "Network",
+    "OptimizerSpec",
+    "Params",
+    "SpecError",
+    "StateError",
+    "TrainResult",
+    "__version__",
+    "check_inputs",
+    "check_targets",
+    "dump_network",
+    "forward",
+    "load_network",
+]

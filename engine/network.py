@@ -1,0 +1,321 @@
+"""The network: parameters, forward propagation and training steps.
+
+Consistency for concurrent readers
+----------------------------------
+A network's parameters are published as an immutable :class:`Params` snapshot: one read-only
+flat array with every layer's W (n_in, n_out) and b (n_out,) as views into it, and the step that
+produced it. A training step never writes into a published snapshot: it writes the updated
+parameters into a fresh array and then publishes a new snapshot by swapping one reference.
+
+So a reader gets a consistent view by taking ``net.params`` once (an attribute read, atomic in
+Python) and computing with it, e.g. ``forward(net.spec, net.params, x)``: it sees the weights of
+exactly one step however many steps finish meanwhile, and never blocks or is blocked. The cost
+is one allocation of the parameter vector per step (the update writes it anyway, so no extra
+pass over memory) and, while a reader holds an old snapshot, that snapshot's memory.
+
+Training steps and state export serialise on an internal lock; optimizer slots and the
+per-batch-size work buffers belong to the writer and are never seen by readers.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from engine.activations import BACKWARD, FORWARD
+from engine.errors import DivergedError, InputError, StateError
+from engine.initializers import INITIALIZERS
+from engine.inputs import check_inputs, check_targets
+from engine.losses import FUSED, LOSSES, accuracy
+from engine.optimizers import Optimizer, make_optimizer
+from engine.spec import ModelSpec
+
+Array = NDArray[Any]
+_MAX_WORKSPACES = 4  # batch sizes whose training buffers are kept
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """An immutable snapshot of a network's parameters after ``step`` training steps.
+
+    flat: (n_params,) read-only; weights[l]: (n_in, n_out) and biases[l]: (n_out,) are views
+    into it, laid out as W0, b0, W1, b1, ...
+    """
+
+    flat: Array
+    weights: tuple[Array, ...]
+    biases: tuple[Array, ...]
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What one training step reports: the loss on the batch before the update, the accuracy
+    for classification losses (None for mse), and the step count after the update."""
+
+    loss: float
+    accuracy: float | None
+    step: int
+
+
+def layer_views(spec: ModelSpec, flat: Array) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+    """Split a flat parameter (or gradient) vector into per-layer W and b views."""
+    weights, biases, offset = [], [], 0
+    for n_in, n_out in zip(spec.sizes, spec.sizes[1:], strict=False):
+        weights.append(flat[offset:offset + n_in * n_out].reshape(n_in, n_out))
+        offset += n_in * n_out
+        biases.append(flat[offset:offset + n_out])
+        offset += n_out
+    return tuple(weights), tuple(biases)
+
+
+def make_params(spec: ModelSpec, flat: Array, step: int) -> Params:
+    """Freeze ``flat`` (it must not be written afterwards) and wrap it as a snapshot."""
+    flat.flags.writeable = False
+    weights, biases = layer_views(spec, flat)
+    return Params(flat, weights, biases, step)
+
+
+def initial_params(spec: ModelSpec) -> Array:
+    """The spec's initial flat parameter vector: W drawn by spec.init from spec.seed, b = 0."""
+    flat = np.zeros(spec.n_params, dtype=spec.dtype)
+    weights, _ = layer_views(spec, flat)
+    rng = np.random.default_rng(spec.seed)
+    draw = INITIALIZERS[spec.init]
+    for w in weights:
+        w[...] = draw(rng, *w.shape)
+    return flat
+
+
+def forward(spec: ModelSpec, params: Params, x: Array) -> Array:
+    """Outputs for x: (batch, input_dim) already validated and in spec.dtype.
+
+    Returns (batch, outputs): probabilities for the cross-entropy losses, the output
+    activation otherwise. Pure and allocation-only, so any number of threads may call it.
+    """
+    a = x
+    for w, b, layer in zip(params.weights, params.biases, spec.layers, strict=False):
+        z = a @ w
+        z += b
+        if layer.activation != "identity":
+            FORWARD[layer.activation](z, z)
+        a = z
+    return a
+
+
+class _Workspace:
+    """Training buffers for one batch size: z, a, dL/dz and dL/da per layer, (batch, units).
+
+    Buffers are shared where the math allows: a is z for identity layers and for a fused
+    output, and dL/dz is dL/da for identity layers.
+    """
+
+    def __init__(self, spec: ModelSpec, batch: int) -> None:
+        last = len(spec.layers) - 1
+        self.z: list[Array] = []
+        self.a: list[Array] = []
+        self.dz: list[Array] = []
+        self.da: list[Array] = []
+        self.apply_backward: list[bool] = []
+        for i, layer in enumerate(spec.layers):
+            z = np.empty((batch, layer.units), dtype=spec.dtype)
+            fused = i == last and spec.loss in FUSED
+            plain = layer.activation == "identity" or fused
+            da = np.empty_like(z)
+            self.z.append(z)
+            self.a.append(z if plain else np.empty_like(z))
+            self.da.append(da)
+            self.dz.append(da if plain else np.empty_like(z))
+            self.apply_backward.append(not plain)
+
+
+class Network:
+    """A multi-layer perceptron with its optimizer state.
+
+    ``Network(spec)`` starts from the spec's initial parameters; :meth:`from_params` from given
+    ones. See the module docstring for how readers get a consistent view while it trains.
+    """
+
+    def __init__(self, spec: ModelSpec, flat: Array | None = None, *, step: int = 0) -> None:
+        self.spec = spec
+        dtype = np.dtype(spec.dtype)
+        if flat is None:
+            flat = initial_params(spec)
+        elif flat.shape != (spec.n_params,):
+            raise StateError(f"expected {spec.n_params} parameters, got shape {flat.shape}")
+        self._params = make_params(spec, np.array(flat, dtype=dtype), step)
+        self._optimizer: Optimizer = make_optimizer(spec.optimizer, spec.n_params, dtype)
+        self._optimizer.step = step
+        self._grad = np.zeros(spec.n_params, dtype=dtype)
+        self._grad_w, self._grad_b = layer_views(spec, self._grad)
+        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_params(cls, spec: ModelSpec, weights: Sequence[Array], biases: Sequence[Array],
+                    *, step: int = 0) -> Network:
+        """A network with the given W (n_in, n_out) and b (n_out,) per layer."""
+        if len(weights) != len(spec.layers) or len(biases) != len(spec.layers):
+            raise InputError(f"expected {len(spec.layers)} weight matrices and bias vectors, "
+                             f"got {len(weights)} and {len(biases)}")
+        flat = np.zeros(spec.n_params, dtype=spec.dtype)
+        views_w, views_b = layer_views(spec, flat)
+        for i, (w, b, vw, vb) in enumerate(zip(weights, biases, views_w, views_b, strict=True)):
+            w, b = np.asarray(w), np.asarray(b)
+            if w.shape != vw.shape or b.shape != vb.shape:
+                raise InputError(f"layer {i}: expected W {vw.shape} and b {vb.shape}, got "
+                                 f"{w.shape} and {b.shape}")
+            vw[...] = w
+            vb[...] = b
+        if not np.isfinite(flat).all():
+            raise InputError("parameters must be finite")
+        return cls(spec, flat, step=step)
+
+    @property
+    def params(self) -> Params:
+        """The current snapshot (immutable; see the module docstring)."""
+        return self._params
+
+    @property
+    def step(self) -> int:
+        return self._params.step
+
+    def forward(self, x: Any, params: Params | None = None) -> Array:
+        """Validated forward pass of x: (batch, input_dim) with ``params`` (default: current)."""
+        x = check_inputs(self.spec, x)
+        return forward(self.spec, params or self._params, x)
+
+    def evaluate(self, x: Any, y: Any) -> tuple[float, float | None]:
+        """Loss and accuracy of the current parameters on (x, y), without updating."""
+        x = check_inputs(self.spec, x)
+        y = check_targets(self.spec, y, x.shape[0])
+        params = self._params
+        z, a = self._forward_layers(params, x, _Workspace(self.spec, x.shape[0]))
+        loss = LOSSES[self.spec.loss](z, a, y, np.empty_like(z))
+        return loss, accuracy(self.spec.loss, z, y)
+
+    def train_step(self, x: Any, y: Any, *, lr: float | None = None) -> TrainResult:
+        """Forward, loss, backward and one optimizer update on the batch (x, y).
+
+        x: (batch, input_dim); y: see :func:`engine.inputs.check_targets`. ``lr`` overrides the
+        spec's learning rate for this step. Raises InputError for bad input and DivergedError
+        when the loss or the new parameters are not finite; either way nothing changes.
+        """
+        spec = self.spec
+        x = check_inputs(spec, x)
+        y = check_targets(spec, y, x.shape[0])
+        if lr is None:
+            lr = spec.optimizer.lr
+        elif isinstance(lr, bool) or not isinstance(lr, int | float) or not (
+                math.isfinite(lr) and lr >= 0):
+            raise InputError(f"learning rate must be a finite number >= 0, got {lr!r}")
+        with self._lock:
+            params = self._params
+            ws = self._workspace(x.shape[0])
+            z, a = self._forward_layers(params, x, ws)
+            last = len(spec.layers) - 1
+            loss = LOSSES[spec.loss](z, a, y, ws.da[last])
+            if not math.isfinite(loss):
+                raise DivergedError(f"step {params.step + 1} refused: the loss is {loss}; "
+                                    "the model is unchanged (lower the learning rate?)")
+            acc = accuracy(spec.loss, z, y)
+            self._backward(params, x, ws)
+            grad = self._grad
+            if spec.grad_clip_norm is not None:
+                # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when < 1.
+                norm = math.sqrt(float(np.dot(grad, grad)))
+                coef = spec.grad_clip_norm / (norm + 1e-6)
+                if coef < 1.0:
+                    grad *= coef
+            new_flat = np.empty_like(params.flat)
+            self._optimizer.propose(params.flat, grad, float(lr), new_flat)
+            # NOTE: a NaN or Inf anywhere makes the squared norm non-finite; so does a norm
+            # beyond the dtype's range (~1.8e19 in float32), which is divergence too.
+            if not math.isfinite(float(np.dot(new_flat, new_flat))):
+                raise DivergedError(f"step {params.step + 1} refused: the updated parameters "
+                                    "are not finite; the model is unchanged")
+            self._optimizer.commit()
+            self._params = make_params(spec, new_flat, params.step + 1)
+        return TrainResult(loss, acc, params.step + 1)
+
+    def export_state(self) -> tuple[Params, dict[str, Array], int]:
+        """Parameters, copies of the optimizer slots (flat), and the step: a consistent set."""
+        with self._lock:
+            slots = {name: value.copy() for name, value in self._optimizer.slots.items()}
+            return self._params, slots, self._params.step
+
+    def load_optimizer_slots(self, slots: dict[str, Array]) -> None:
+        """Restore optimizer slots saved by :meth:`export_state` (at this network's step)."""
+        with self._lock:
+            self._optimizer.load(slots, self._params.step)
+
+    @property
+    def optimizer_slot_names(self) -> tuple[str, ...]:
+        return self._optimizer.slot_names
+
+    def to_bytes(self) -> bytes:
+        """Parameters, optimizer state and step as safetensors bytes (see serialization)."""
+        from engine.serialization import dump_network  # noqa: PLC0415 - mutual import
+
+        return dump_network(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview, **limits: int) -> Network:
+        from engine.serialization import load_network  # noqa: PLC0415 - mutual import
+
+        return load_network(data, **limits)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _workspace(self, batch: int) -> _Workspace:
+        ws = self._workspaces.get(batch)
+        if ws is None:
+            ws = self._workspaces[batch] = _Workspace(self.spec, batch)
+            if len(self._workspaces) > _MAX_WORKSPACES:
+                self._workspaces.popitem(last=False)
+        else:
+            self._workspaces.move_to_end(batch)
+        return ws
+
+    def _forward_layers(self, params: Params, x: Array, ws: _Workspace) -> tuple[Array, Array]:
+        """Forward pass into the workspace; returns the output layer's (z, a)."""
+        a_prev = x
+        last = len(self.spec.layers) - 1
+        for i, (w, b, layer) in enumerate(
+                zip(params.weights, params.biases, self.spec.layers, strict=False)):
+            z, a = ws.z[i], ws.a[i]
+            np.matmul(a_prev, w, out=z)
+            z += b
+            if a is not z:
+                FORWARD[layer.activation](z, a)
+            a_prev = a
+        return ws.z[last], ws.a[last]
+
+    def _backward(self, params: Params, x: Array, ws: _Workspace) -> None:
+        """Fill self._grad from ws.da[last] = dL/da (or dL/dz for fused and identity outputs).
+
+        Per layer, with a_prev its input: dZ = dA * f'(z); dW = a_prev^T dZ; db = sum_rows dZ;
+        dA_prev = dZ W^T.
+        """
+        batch = x.shape[0]
+        for i in range(len(self.spec.layers) - 1, -1, -1):
+            dz = ws.dz[i]
+            if ws.apply_backward[i]:
+                BACKWARD[self.spec.layers[i].activation](ws.da[i], ws.z[i], ws.a[i], dz)
+            a_prev = x if i == 0 else ws.a[i - 1]
+            if batch == 1:
+                # NOTE: a matmul with inner dimension 1 is several times slower than the
+                # broadcast outer product in numpy's BLAS path.
+                np.multiply(a_prev.reshape(-1, 1), dz, out=self._grad_w[i])
+            else:
+                np.matmul(a_prev.T, dz, out=self._grad_w[i])
+            np.sum(dz, axis=0, out=self._grad_b[i])
+            if i > 0:
+                np.matmul(dz, params.weights[i].T, out=ws.da[i - 1])
