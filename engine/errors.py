@@ -12,7 +12,7 @@ class EngineError(Exception):
 
 
 class SpecError(EngineError, ValueError):
-    """A model spec that cannot describe a network: unknown names, bad sizes, bad hyper-parameters."""
+    """A spec that cannot describe a network: unknown names, bad sizes, bad hyper-parameters."""
 
 
 class InputError(EngineError, ValueError):

@@ -25,28 +25,31 @@ def _describe(x: Any) -> str:
 def _require_finite(x: NDArray[Any], what: str) -> None:
     if not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x))[0]
-        raise InputError(f"{what} contain a non-finite value ({x[tuple(bad)]}) at index "
-                         f"{tuple(int(i) for i in bad)}")
+        raise InputError(
+            f"{what} contain a non-finite value ({x[tuple(bad)]}) at index "
+            f"{tuple(int(i) for i in bad)}"
+        )
 
 
 def check_inputs(spec: ModelSpec, x: Any) -> NDArray[np.floating]:
     """x: (batch, input_dim), floating point, finite, batch >= 1. Returns x in spec.dtype."""
     if not isinstance(x, np.ndarray):
-        raise InputError(f"inputs must be a numpy array of shape (batch, {spec.input_dim}), "
-                         f"got {_describe(x)}")
+        raise InputError(
+            f"inputs must be a numpy array of shape (batch, {spec.input_dim}), got {_describe(x)}"
+        )
     if x.ndim != 2:
-        raise InputError(f"inputs must have rank 2 (batch, {spec.input_dim}), got shape "
-                         f"{x.shape}")
+        raise InputError(f"inputs must have rank 2 (batch, {spec.input_dim}), got shape {x.shape}")
     if x.shape[1] != spec.input_dim:
-        raise InputError(f"inputs have {x.shape[1]} features per row, the model expects "
-                         f"{spec.input_dim}")
+        raise InputError(
+            f"inputs have {x.shape[1]} features per row, the model expects {spec.input_dim}"
+        )
     if x.shape[0] == 0:
         raise InputError("inputs are an empty batch (0 rows)")
     if x.dtype.kind != "f":
         raise InputError(f"inputs must be floating point (float32 or float64), got {x.dtype}")
-    x = x.astype(spec.dtype, copy=False)
-    _require_finite(x, "inputs")
-    return x
+    checked: NDArray[np.floating] = x.astype(spec.dtype, copy=False)
+    _require_finite(checked, "inputs")
+    return checked
 
 
 def check_targets(spec: ModelSpec, y: Any, batch: int) -> NDArray[Any]:
@@ -61,34 +64,40 @@ def check_targets(spec: ModelSpec, y: Any, batch: int) -> NDArray[Any]:
     if not isinstance(y, np.ndarray):
         raise InputError(f"targets must be a numpy array, got {_describe(y)}")
     if y.ndim == 0 or y.shape[0] != batch:
-        raise InputError(f"targets have {y.shape[0] if y.ndim else 0} rows but the inputs "
-                         f"have {batch}")
+        raise InputError(
+            f"targets have {y.shape[0] if y.ndim else 0} rows but the inputs have {batch}"
+        )
     if spec.loss == "softmax_cross_entropy":
         if y.ndim == 1:
             if y.dtype.kind not in "iu":
-                raise InputError(f"class labels must be integers, got {y.dtype}; send "
-                                 f"(batch, {outputs}) floats for class probabilities")
+                raise InputError(
+                    f"class labels must be integers, got {y.dtype}; send "
+                    f"(batch, {outputs}) floats for class probabilities"
+                )
             low, high = int(y.min()), int(y.max())
             if low < 0 or high >= outputs:
                 bad = low if low < 0 else high
                 raise InputError(f"class label {bad} is out of range [0, {outputs})")
-            return y.astype(np.intp, copy=False)
+            labels: NDArray[Any] = y.astype(np.intp, copy=False)
+            return labels
         if y.ndim != 2 or y.shape[1] != outputs or y.dtype.kind != "f":
-            raise InputError(f"targets must be integer labels (batch,) or float class "
-                             f"probabilities (batch, {outputs}), got {_describe(y)}")
-        y = y.astype(spec.dtype, copy=False)
-        _require_finite(y, "targets")
-        if (y < 0).any():
+            raise InputError(
+                f"targets must be integer labels (batch,) or float class "
+                f"probabilities (batch, {outputs}), got {_describe(y)}"
+            )
+        probabilities: NDArray[Any] = y.astype(spec.dtype, copy=False)
+        _require_finite(probabilities, "targets")
+        if (probabilities < 0).any():
             raise InputError("class probabilities must be non-negative")
-        return y
+        return probabilities
     if y.ndim == 1 and outputs == 1:
         y = y.reshape(batch, 1)
     if y.ndim != 2 or y.shape[1] != outputs:
         raise InputError(f"targets must have shape ({batch}, {outputs}), got {y.shape}")
     if y.dtype.kind not in "fiub":
         raise InputError(f"targets must be numeric, got {y.dtype}")
-    y = y.astype(spec.dtype, copy=False)
-    _require_finite(y, "targets")
-    if spec.loss == "binary_cross_entropy" and ((y < 0).any() or (y > 1).any()):
+    values: NDArray[Any] = y.astype(spec.dtype, copy=False)
+    _require_finite(values, "targets")
+    if spec.loss == "binary_cross_entropy" and ((values < 0).any() or (values > 1).any()):
         raise InputError("binary cross-entropy targets must lie in [0, 1]")
-    return y
+    return values

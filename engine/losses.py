@@ -13,6 +13,7 @@ They return the loss as a Python float. ``grad`` must not alias ``z`` or ``a``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,10 +21,10 @@ from numpy.typing import NDArray
 from engine.activations import sigmoid_forward
 
 Array = NDArray[np.floating]
-Loss = Callable[[Array, Array, NDArray[np.generic], Array], float]
+Loss = Callable[[Array, Array, NDArray[Any], Array], float]
 
 
-def mse(z: Array, a: Array, y: NDArray[np.generic], grad: Array) -> float:
+def mse(z: Array, a: Array, y: NDArray[Any], grad: Array) -> float:
     """L = sum((a - y)^2) / N over all N = batch * outputs elements; dL/dA = 2 (a - y) / N.
 
     Note that torch's MSELoss has no factor 1/2: a single step of lr on this loss moves a
@@ -37,7 +38,7 @@ def mse(z: Array, a: Array, y: NDArray[np.generic], grad: Array) -> float:
     return loss
 
 
-def binary_cross_entropy(z: Array, a: Array, y: NDArray[np.generic], grad: Array) -> float:
+def binary_cross_entropy(z: Array, a: Array, y: NDArray[Any], grad: Array) -> float:
     """Binary cross-entropy on logits z, targets y in [0, 1], mean over all elements.
 
     L = mean(max(z, 0) - z y + log(1 + exp(-|z|))),  dL/dZ = (sigmoid(z) - y) / N.
@@ -61,7 +62,7 @@ def binary_cross_entropy(z: Array, a: Array, y: NDArray[np.generic], grad: Array
     return loss
 
 
-def softmax_cross_entropy(z: Array, a: Array, y: NDArray[np.generic], grad: Array) -> float:
+def softmax_cross_entropy(z: Array, a: Array, y: NDArray[Any], grad: Array) -> float:
     """Softmax cross-entropy on logits z: (batch, classes), mean over the batch.
 
     y is either integer class labels (batch,) or class probabilities (batch, classes), as
@@ -95,7 +96,7 @@ def softmax_cross_entropy(z: Array, a: Array, y: NDArray[np.generic], grad: Arra
         grad *= weights[:, None]
         grad -= y
     grad *= 1.0 / batch
-    return loss
+    return float(loss)
 
 
 LOSSES: dict[str, Loss] = {
@@ -107,7 +108,7 @@ LOSSES: dict[str, Loss] = {
 FUSED = frozenset({"binary_cross_entropy", "softmax_cross_entropy"})
 
 
-def accuracy(loss: str, z: Array, y: NDArray[np.generic]) -> float | None:
+def accuracy(loss: str, z: Array, y: NDArray[Any]) -> float | None:
     """Fraction of correct predictions for classification losses; None for regression.
 
     softmax_cross_entropy: argmax of the logits equals the label (or the target's argmax).
@@ -116,7 +117,7 @@ def accuracy(loss: str, z: Array, y: NDArray[np.generic]) -> float | None:
     if loss == "softmax_cross_entropy":
         predicted = z.argmax(axis=1)
         truth = y if y.ndim == 1 else y.argmax(axis=1)
-        return float(np.count_nonzero(predicted == truth)) / z.shape[0]
+        return int(np.count_nonzero(predicted == truth)) / int(z.shape[0])
     if loss == "binary_cross_entropy":
-        return float(np.count_nonzero((z > 0) == (y > 0.5))) / z.size
+        return int(np.count_nonzero((z > 0) == (y > 0.5))) / z.size
     return None

@@ -69,9 +69,9 @@ def layer_views(spec: ModelSpec, flat: Array) -> tuple[tuple[Array, ...], tuple[
     """Split a flat parameter (or gradient) vector into per-layer W and b views."""
     weights, biases, offset = [], [], 0
     for n_in, n_out in zip(spec.sizes, spec.sizes[1:], strict=False):
-        weights.append(flat[offset:offset + n_in * n_out].reshape(n_in, n_out))
+        weights.append(flat[offset : offset + n_in * n_out].reshape(n_in, n_out))
         offset += n_in * n_out
-        biases.append(flat[offset:offset + n_out])
+        biases.append(flat[offset : offset + n_out])
         offset += n_out
     return tuple(weights), tuple(biases)
 
@@ -101,12 +101,15 @@ def forward(spec: ModelSpec, params: Params, x: Array) -> Array:
     activation otherwise. Pure and allocation-only, so any number of threads may call it.
     """
     a = x
-    for w, b, layer in zip(params.weights, params.biases, spec.layers, strict=False):
-        z = a @ w
-        z += b
-        if layer.activation != "identity":
-            FORWARD[layer.activation](z, z)
-        a = z
+    # NOTE: overflow to inf (huge inputs or weights) is the caller's to judge from the
+    # outputs; numpy's warnings about it are noise here.
+    with np.errstate(all="ignore"):
+        for w, b, layer in zip(params.weights, params.biases, spec.layers, strict=False):
+            z = a @ w
+            z += b
+            if layer.activation != "identity":
+                FORWARD[layer.activation](z, z)
+            a = z
     return a
 
 
@@ -159,19 +162,26 @@ class Network:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_params(cls, spec: ModelSpec, weights: Sequence[Array], biases: Sequence[Array],
-                    *, step: int = 0) -> Network:
+    def from_params(
+        cls, spec: ModelSpec, weights: Sequence[Array], biases: Sequence[Array], *, step: int = 0
+    ) -> Network:
         """A network with the given W (n_in, n_out) and b (n_out,) per layer."""
         if len(weights) != len(spec.layers) or len(biases) != len(spec.layers):
-            raise InputError(f"expected {len(spec.layers)} weight matrices and bias vectors, "
-                             f"got {len(weights)} and {len(biases)}")
+            raise InputError(
+                f"expected {len(spec.layers)} weight matrices and bias vectors, "
+                f"got {len(weights)} and {len(biases)}"
+            )
         flat = np.zeros(spec.n_params, dtype=spec.dtype)
         views_w, views_b = layer_views(spec, flat)
-        for i, (w, b, vw, vb) in enumerate(zip(weights, biases, views_w, views_b, strict=True)):
-            w, b = np.asarray(w), np.asarray(b)
+        for i, (given_w, given_b, vw, vb) in enumerate(
+            zip(weights, biases, views_w, views_b, strict=True)
+        ):
+            w, b = np.asarray(given_w), np.asarray(given_b)
             if w.shape != vw.shape or b.shape != vb.shape:
-                raise InputError(f"layer {i}: expected W {vw.shape} and b {vb.shape}, got "
-                                 f"{w.shape} and {b.shape}")
+                raise InputError(
+                    f"layer {i}: expected W {vw.shape} and b {vb.shape}, got "
+                    f"{w.shape} and {b.shape}"
+                )
             vw[...] = w
             vb[...] = b
         if not np.isfinite(flat).all():
@@ -197,9 +207,23 @@ class Network:
         x = check_inputs(self.spec, x)
         y = check_targets(self.spec, y, x.shape[0])
         params = self._params
-        z, a = self._forward_layers(params, x, _Workspace(self.spec, x.shape[0]))
-        loss = LOSSES[self.spec.loss](z, a, y, np.empty_like(z))
-        return loss, accuracy(self.spec.loss, z, y)
+        with np.errstate(all="ignore"):
+            z, a = self._forward_layers(params, x, _Workspace(self.spec, x.shape[0]))
+            loss = LOSSES[self.spec.loss](z, a, y, np.empty_like(z))
+            return loss, accuracy(self.spec.loss, z, y)
+
+    def loss_and_gradient(self, x: Any, y: Any) -> tuple[float, Array]:
+        """Loss on (x, y) and its gradient with respect to the flat parameters (a copy laid out
+        as ``params.flat``), without clipping or updating anything."""
+        x = check_inputs(self.spec, x)
+        y = check_targets(self.spec, y, x.shape[0])
+        with self._lock, np.errstate(all="ignore"):
+            params = self._params
+            ws = self._workspace(x.shape[0])
+            z, a = self._forward_layers(params, x, ws)
+            loss = LOSSES[self.spec.loss](z, a, y, ws.da[-1])
+            self._backward(params, x, ws)
+            return loss, self._grad.copy()
 
     def train_step(self, x: Any, y: Any, *, lr: float | None = None) -> TrainResult:
         """Forward, loss, backward and one optimizer update on the batch (x, y).
@@ -213,18 +237,25 @@ class Network:
         y = check_targets(spec, y, x.shape[0])
         if lr is None:
             lr = spec.optimizer.lr
-        elif isinstance(lr, bool) or not isinstance(lr, int | float) or not (
-                math.isfinite(lr) and lr >= 0):
+        elif (
+            isinstance(lr, bool)
+            or not isinstance(lr, int | float)
+            or not (math.isfinite(lr) and lr >= 0)
+        ):
             raise InputError(f"learning rate must be a finite number >= 0, got {lr!r}")
-        with self._lock:
+        # NOTE: overflow and invalid operations are detected below from the loss and the new
+        # parameters, and refused; numpy's warnings about them would only be noise.
+        with self._lock, np.errstate(all="ignore"):
             params = self._params
             ws = self._workspace(x.shape[0])
             z, a = self._forward_layers(params, x, ws)
             last = len(spec.layers) - 1
             loss = LOSSES[spec.loss](z, a, y, ws.da[last])
             if not math.isfinite(loss):
-                raise DivergedError(f"step {params.step + 1} refused: the loss is {loss}; "
-                                    "the model is unchanged (lower the learning rate?)")
+                raise DivergedError(
+                    f"step {params.step + 1} refused: the loss is {loss}; "
+                    "the model is unchanged (lower the learning rate?)"
+                )
             acc = accuracy(spec.loss, z, y)
             self._backward(params, x, ws)
             grad = self._grad
@@ -239,8 +270,10 @@ class Network:
             # NOTE: a NaN or Inf anywhere makes the squared norm non-finite; so does a norm
             # beyond the dtype's range (~1.8e19 in float32), which is divergence too.
             if not math.isfinite(float(np.dot(new_flat, new_flat))):
-                raise DivergedError(f"step {params.step + 1} refused: the updated parameters "
-                                    "are not finite; the model is unchanged")
+                raise DivergedError(
+                    f"step {params.step + 1} refused: the updated parameters "
+                    "are not finite; the model is unchanged"
+                )
             self._optimizer.commit()
             self._params = make_params(spec, new_flat, params.step + 1)
         return TrainResult(loss, acc, params.step + 1)
@@ -289,7 +322,8 @@ class Network:
         a_prev = x
         last = len(self.spec.layers) - 1
         for i, (w, b, layer) in enumerate(
-                zip(params.weights, params.biases, self.spec.layers, strict=False)):
+            zip(params.weights, params.biases, self.spec.layers, strict=False)
+        ):
             z, a = ws.z[i], ws.a[i]
             np.matmul(a_prev, w, out=z)
             z += b

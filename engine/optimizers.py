@@ -50,12 +50,16 @@ class Optimizer:
     def load(self, slots: dict[str, Array], step: int) -> None:
         """Replace the slots and step count (copied), e.g. from serialised state."""
         if set(slots) != set(self.slot_names):
-            raise StateError(f"optimizer {self.spec.name!r} expects slots "
-                             f"{sorted(self.slot_names)}, got {sorted(slots)}")
+            raise StateError(
+                f"optimizer {self.spec.name!r} expects slots "
+                f"{sorted(self.slot_names)}, got {sorted(slots)}"
+            )
         for name, value in slots.items():
             if value.shape != self.slots[name].shape:
-                raise StateError(f"optimizer slot {name!r} has shape {value.shape}, "
-                                 f"expected {self.slots[name].shape}")
+                raise StateError(
+                    f"optimizer slot {name!r} has shape {value.shape}, "
+                    f"expected {self.slots[name].shape}"
+                )
             np.copyto(self.slots[name], value)
         self.step = step
 
@@ -69,11 +73,11 @@ class Optimizer:
 class SGD(Optimizer):
     """torch.optim.SGD (maximize=False), step t = 1, 2, ...:
 
-        g  = grad + weight_decay * theta
-        b  = g                                  if t == 1   (the buffer starts as g, not 0)
-        b  = momentum * b + (1 - dampening) * g otherwise
-        g  = g + momentum * b  if nesterov else b           (when momentum != 0)
-        theta = theta - lr * g
+    g  = grad + weight_decay * theta
+    b  = g                                  if t == 1   (the buffer starts as g, not 0)
+    b  = momentum * b + (1 - dampening) * g otherwise
+    g  = g + momentum * b  if nesterov else b           (when momentum != 0)
+    theta = theta - lr * g
     """
 
     def __init__(self, spec: OptimizerSpec, size: int, dtype: np.dtype[np.floating]) -> None:
@@ -118,8 +122,14 @@ class Adam(Optimizer):
 
     slot_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, spec: OptimizerSpec, size: int, dtype: np.dtype[np.floating],
-                 *, decoupled: bool = False) -> None:
+    def __init__(
+        self,
+        spec: OptimizerSpec,
+        size: int,
+        dtype: np.dtype[np.floating],
+        *,
+        decoupled: bool = False,
+    ) -> None:
         super().__init__(spec, size, dtype)
         self.decoupled = decoupled
 

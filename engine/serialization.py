@@ -34,12 +34,16 @@ FORMAT = "propserve.mlp"
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 16 << 20
 
-_DTYPE_CODES = {
-    np.dtype("<f4"): "F32", np.dtype("<f8"): "F64", np.dtype("<f2"): "F16",
-    np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("u1"): "U8",
+_DTYPE_CODES: dict[np.dtype[Any], str] = {
+    np.dtype("<f4"): "F32",
+    np.dtype("<f8"): "F64",
+    np.dtype("<f2"): "F16",
+    np.dtype("<i8"): "I64",
+    np.dtype("<i4"): "I32",
+    np.dtype("u1"): "U8",
     np.dtype("?"): "BOOL",
 }
-_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_CODE_DTYPES: dict[str, np.dtype[Any]] = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
 def encode(tensors: dict[str, NDArray[Any]], metadata: dict[str, str] | None = None) -> bytes:
@@ -52,8 +56,11 @@ def encode(tensors: dict[str, NDArray[Any]], metadata: dict[str, str] | None = N
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         if dtype not in _DTYPE_CODES:
             raise StateError(f"tensor {name!r}: dtype {array.dtype} is not supported")
-        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": _DTYPE_CODES[dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     raw_header = json.dumps(header, separators=(",", ":")).encode()
     raw_header += b" " * (-len(raw_header) % 8)  # align the data to 8 bytes
@@ -62,9 +69,10 @@ def encode(tensors: dict[str, NDArray[Any]], metadata: dict[str, str] | None = N
     struct.pack_into("<Q", out, 0, len(raw_header))
     out[8:start] = raw_header
     for name, array in tensors.items():
-        begin, end = header[name]["data_offsets"]
-        view = np.frombuffer(out, dtype=array.dtype.newbyteorder("<"), count=array.size,
-                             offset=start + begin)
+        begin = header[name]["data_offsets"][0]
+        view = np.frombuffer(
+            out, dtype=array.dtype.newbyteorder("<"), count=array.size, offset=start + begin
+        )
         view[...] = array.reshape(-1)
     return bytes(out)
 
@@ -82,14 +90,15 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[dict[str, NDArray[Any]
     if size > min(MAX_HEADER_BYTES, len(buf) - 8):
         raise StateError(f"safetensors header length {size} is larger than the data allows")
     try:
-        header = json.loads(bytes(buf[8:8 + size]))
+        header = json.loads(bytes(buf[8 : 8 + size]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StateError(f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise StateError("safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise StateError("safetensors metadata must map strings to strings")
     start, data_size = 8 + size, len(buf) - 8 - size
     tensors: dict[str, NDArray[Any]] = {}
@@ -102,10 +111,15 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[dict[str, NDArray[Any]
         except (KeyError, TypeError, ValueError):
             raise StateError(f"tensor {name!r}: malformed header entry {info!r}") from None
         count = int(np.prod(shape, dtype=np.int64))
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or (
-                end - begin != count * dtype.itemsize):
-            raise StateError(f"tensor {name!r}: shape {shape} and offsets {[begin, end]} do not "
-                             f"fit {data_size} bytes of data")
+        if (
+            min(shape, default=0) < 0
+            or not 0 <= begin <= end <= data_size
+            or (end - begin != count * dtype.itemsize)
+        ):
+            raise StateError(
+                f"tensor {name!r}: shape {shape} and offsets {[begin, end]} do not "
+                f"fit {data_size} bytes of data"
+            )
         array = np.frombuffer(buf, dtype=dtype, count=count, offset=start + begin)
         tensors[name] = array.reshape(shape)
         spans.append((begin, end))
@@ -135,18 +149,25 @@ def dump_network(net: Network) -> bytes:
     tensors = _named(net.spec, params.flat, "")
     for slot, flat in slots.items():
         tensors |= _named(net.spec, flat, f"optimizer.{slot}.")
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "spec": json.dumps(net.spec.to_dict()), "step": str(step)}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": json.dumps(net.spec.to_dict()),
+        "step": str(step),
+    }
     return encode(tensors, metadata)
 
 
-def load_network(data: bytes | bytearray | memoryview, *,
-                 max_params: int = DEFAULT_MAX_PARAMS) -> Network:
+def load_network(
+    data: bytes | bytearray | memoryview, *, max_params: int = DEFAULT_MAX_PARAMS
+) -> Network:
     """Rebuild a network saved by :func:`dump_network`; raise StateError if it does not fit."""
     tensors, metadata = decode(data)
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
-        raise StateError(f"not a {FORMAT} v{FORMAT_VERSION} file (metadata format "
-                         f"{metadata.get('format')!r} v{metadata.get('format_version')!r})")
+        raise StateError(
+            f"not a {FORMAT} v{FORMAT_VERSION} file (metadata format "
+            f"{metadata.get('format')!r} v{metadata.get('format_version')!r})"
+        )
     try:
         spec = ModelSpec.from_dict(json.loads(metadata["spec"]), max_params=max_params)
         step = int(metadata["step"])
@@ -162,8 +183,10 @@ def load_network(data: bytes | bytearray | memoryview, *,
             if saved is None:
                 raise StateError(f"state lacks tensor {name!r}")
             if saved.shape != view.shape or saved.dtype != view.dtype:
-                raise StateError(f"tensor {name!r} is {saved.dtype}{list(saved.shape)}, the spec "
-                                 f"needs {view.dtype}{list(view.shape)}")
+                raise StateError(
+                    f"tensor {name!r} is {saved.dtype}{list(saved.shape)}, the spec "
+                    f"needs {view.dtype}{list(view.shape)}"
+                )
             view[...] = saved
         return flat
 

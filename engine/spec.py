@@ -86,8 +86,11 @@ def _mapping(value: Any, path: str, allowed: set[str], required: set[str]) -> di
         raise _fail(path, f"expected an object, got {type(value).__name__}")
     unknown = sorted(set(value) - allowed)
     if unknown:
-        raise _fail(path, f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                    f"allowed: {', '.join(sorted(allowed))}")
+        raise _fail(
+            path,
+            f"unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(allowed))}",
+        )
     missing = sorted(required - set(value))
     if missing:
         raise _fail(path, f"missing field(s) {', '.join(map(repr, missing))}")
@@ -137,8 +140,14 @@ class OptimizerSpec:
                 raise _fail(f"{path}.nesterov", f"expected true or false, got {nesterov!r}")
             if nesterov and (momentum <= 0.0 or dampening != 0.0):
                 raise _fail(path, "nesterov momentum requires momentum > 0 and dampening 0")
-            return cls(name, lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                       weight_decay=weight_decay)
+            return cls(
+                name,
+                lr,
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+            )
         betas = fields["betas"]
         if not isinstance(betas, list | tuple) or len(betas) != 2:
             raise _fail(f"{path}.betas", f"expected two numbers [beta1, beta2], got {betas!r}")
@@ -150,8 +159,11 @@ class OptimizerSpec:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "lr": self.lr, "weight_decay": self.weight_decay}
         if self.name == "sgd":
-            out |= {"momentum": self.momentum, "dampening": self.dampening,
-                    "nesterov": self.nesterov}
+            out |= {
+                "momentum": self.momentum,
+                "dampening": self.dampening,
+                "nesterov": self.nesterov,
+            }
         else:
             out |= {"betas": list(self.betas), "eps": self.eps}
         return out
@@ -181,7 +193,8 @@ class ModelSpec:
     @property
     def n_params(self) -> int:
         """Number of trainable scalars: sum of n_in * n_out + n_out over layers."""
-        return sum((n_in + 1) * n_out for n_in, n_out in zip(self.sizes, self.sizes[1:], strict=False))
+        pairs = zip(self.sizes, self.sizes[1:], strict=False)
+        return sum((n_in + 1) * n_out for n_in, n_out in pairs)
 
     @property
     def output_activation(self) -> str:
@@ -190,8 +203,16 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: Any, *, max_params: int = DEFAULT_MAX_PARAMS) -> ModelSpec:
         """Parse and validate a spec; raise :class:`SpecError` naming the offending field."""
-        allowed = {"input_dim", "layers", "loss", "optimizer", "dtype", "init", "seed",
-                   "grad_clip_norm"}
+        allowed = {
+            "input_dim",
+            "layers",
+            "loss",
+            "optimizer",
+            "dtype",
+            "init",
+            "seed",
+            "grad_clip_norm",
+        }
         data = _mapping(data, "", allowed, {"input_dim", "layers", "loss"})
         input_dim = _int(data["input_dim"], "input_dim", minimum=1, maximum=MAX_UNITS)
         loss = _choice(data["loss"], "loss", tuple(LOSS_OUTPUTS))
@@ -202,12 +223,16 @@ class ModelSpec:
             raise _fail("layers", f"at most {MAX_LAYERS} layers, got {len(raw_layers)}")
         layers = []
         required_output = LOSS_OUTPUTS[loss]
-        for i, raw in enumerate(raw_layers):
+        for i, entry in enumerate(raw_layers):
             path = f"layers[{i}]"
             last = i == len(raw_layers) - 1
             default = (required_output or "identity") if last else None
-            raw = _mapping(raw, path, {"units", "activation"},
-                           {"units"} if default else {"units", "activation"})
+            raw = _mapping(
+                entry,
+                path,
+                {"units", "activation"},
+                {"units"} if default else {"units", "activation"},
+            )
             units = _int(raw["units"], f"{path}.units", minimum=1, maximum=MAX_UNITS)
             activation = raw.get("activation", default)
             if not last:
@@ -215,12 +240,17 @@ class ModelSpec:
             else:
                 activation = _choice(activation, f"{path}.activation", OUTPUT_ACTIVATIONS)
                 if required_output and activation != required_output:
-                    raise _fail(f"{path}.activation", f"loss {loss!r} needs the output "
-                                f"activation {required_output!r} (fused with the loss), got "
-                                f"{activation!r}")
+                    raise _fail(
+                        f"{path}.activation",
+                        f"loss {loss!r} needs the output "
+                        f"activation {required_output!r} (fused with the loss), got "
+                        f"{activation!r}",
+                    )
                 if not required_output and activation == "softmax":
-                    raise _fail(f"{path}.activation", "softmax is only available as the "
-                                "output of loss 'softmax_cross_entropy'")
+                    raise _fail(
+                        f"{path}.activation",
+                        "softmax is only available as the output of loss 'softmax_cross_entropy'",
+                    )
             layers.append(LayerSpec(units, activation))
         if loss == "softmax_cross_entropy" and layers[-1].units < 2:
             raise _fail("layers[-1].units", "softmax_cross_entropy needs at least 2 classes")
@@ -235,8 +265,9 @@ class ModelSpec:
                 raise _fail("grad_clip_norm", "must be > 0 (or null for no clipping)")
         spec = cls(input_dim, tuple(layers), loss, optimizer, dtype, init, seed, clip)
         if spec.n_params > max_params:
-            raise _fail("layers", f"{spec.n_params:,} parameters exceed the limit of "
-                        f"{max_params:,}")
+            raise _fail(
+                "layers", f"{spec.n_params:,} parameters exceed the limit of {max_params:,}"
+            )
         return spec
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Python clients for propserve (gRPC and REST): they speak only the wire."""
