@@ -1,0 +1,598 @@
+"""ModelStore: models and every saved version of them, in a folder on disk.
+
+Layout (every name below the root was validated first; the store's own entries start
+with a dot, which no valid name can)::
+
+    <root>/.lock                              flock'ed by the one writer; holds its pid
+    <root>/.staging/                          temporary folders and files; emptied at a
+                                              writable open
+    <root>/.tombstones/<model>.json           version high-water mark of a deleted model
+    <root>/<model>/model.json                 spec, settings, labels (replaced atomically)
+    <root>/<model>/versions/<n>/meta.json     step, created_at, parent, metrics, sha256
+    <root>/<model>/versions/<n>/weights.safetensors   the state bytes, opaque here
+
+Guarantees:
+- A version becomes visible by one rename of a complete, fsync'ed folder, and vanishes
+  (retention, deletion) by one rename into the staging area: readers, in this process or
+  another, see all of it or none of it. A crash leaves only staging leftovers, removed at
+  the next writable open.
+- Version numbers of a model grow and are never reused: the next number is one above
+  the largest of the visible versions, model.json's `last_version` and the tombstone of
+  an earlier model of the same name. Retention never removes the newest version, so the
+  visible maximum cannot go down except by deleting the model, which writes the tombstone
+  first.
+- Weights are verified against their sha256 on every load; a mismatch is DataLoss naming
+  model and version and is never served. `latest_version` skips versions that fail and
+  remembers verdicts by file identity (device, inode, size, mtime, ctime), so asking again
+  costs a stat, not a hash.
+- One writer per store (an advisory flock); any number of read-only opens, which never
+  write and never assume the folder stands still.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from service.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from service.store import durable
+from service.store.records import (
+    DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_SETTINGS,
+    FORMAT,
+    ModelRecord,
+    VersionMeta,
+    check_metrics,
+    check_name,
+    check_settings,
+    check_spec,
+    check_step,
+    check_version,
+    decode_doc,
+    encode_json,
+    model_from_doc,
+    version_from_doc,
+)
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+STAGING_DIR = ".staging"
+TOMBSTONE_DIR = ".tombstones"
+MODEL_FILE = "model.json"
+VERSIONS_DIR = "versions"
+META_FILE = "meta.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+_MAX_CACHED_VERDICTS = 65_536
+_FileIdentity = tuple[int, int, int, int, int]
+
+
+def _identity(st: os.stat_result) -> _FileIdentity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _version_number(entry: str) -> int | None:
+    """The version a folder name stands for: canonical decimal only ("7", not "07")."""
+    if entry.isascii() and entry.isdigit() and entry[0] != "0" and len(entry) <= 19:
+        return int(entry)
+    return None
+
+
+class ModelStore:
+    """Models and their saved versions under `root` (see the module docstring).
+
+    Thread-safe: writes are serialised by a lock, reads take none."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        read_only: bool = False,
+        max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+    ) -> None:
+        self._root = Path(root).absolute()
+        self._read_only = read_only
+        self._max_meta = max_metadata_bytes
+        self._staging = self._root / STAGING_DIR
+        self._tombstones = self._root / TOMBSTONE_DIR
+        self._mutex = threading.RLock()
+        self._verdicts: dict[tuple[str, int], tuple[_FileIdentity, str, bool]] = {}
+        self._lock: durable.WriterLock | None = None
+        self._reaper = durable.Reaper()
+        self._closed = False
+        if read_only:
+            if not self._root.is_dir():
+                raise NotFound(f"model store {self._root} does not exist")
+            return
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._lock = durable.WriterLock(self._root / LOCK_FILE, self._root)
+        try:
+            self._staging.mkdir(exist_ok=True)
+            self._tombstones.mkdir(exist_ok=True)
+            removed = durable.clear_dir(self._staging)
+            durable.fsync_dir(self._root)
+        except BaseException:
+            self._lock.release()
+            raise
+        if removed:
+            log.info("store.cleanup root=%s staging_leftovers_removed=%d", self._root, removed)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def close(self) -> None:
+        """Release the writer lock. Idempotent; the store refuses further calls."""
+        with self._mutex:
+            self._closed = True
+            self._reaper.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def __enter__(self) -> ModelStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition(f"model store {self._root} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._read_only:
+            raise FailedPrecondition(f"model store {self._root} is open read-only")
+
+    # --- models -----------------------------------------------------------------------
+
+    def create_model(
+        self, name: str, spec: dict[str, Any], settings: dict[str, Any] | None = None
+    ) -> ModelRecord:
+        """Create model `name`. AlreadyExists if it does; settings default to
+        DEFAULT_SETTINGS. Version numbers continue above those of any deleted model that
+        had the same name."""
+        self._check_writable()
+        name = check_name(name)
+        spec = check_spec(spec, self._max_meta)
+        merged = check_settings(settings, DEFAULT_SETTINGS)
+        encode_json(merged, "settings", self._max_meta)
+        with self._mutex:
+            self._check_open()
+            model_dir = self._root / name
+            if (model_dir / MODEL_FILE).exists():
+                raise AlreadyExists(f"model {name!r} already exists")
+            if model_dir.exists():
+                raise FailedPrecondition(
+                    f"{model_dir} exists but is not a model; move it out of the store"
+                )
+            doc = {
+                "format": FORMAT,
+                "name": name,
+                "spec": spec,
+                "settings": merged,
+                "labels": {},
+                "created_at": time.time(),
+                "last_version": self._tombstone(name),
+            }
+            data = encode_json(doc, f"model {name!r} metadata", self._max_meta)
+            stage = durable.new_staging_dir(self._staging, "model")
+            try:
+                (stage / VERSIONS_DIR).mkdir()
+                durable.write_new_file(stage / MODEL_FILE, data)
+                durable.fsync_dir(stage)
+                os.rename(stage, model_dir)
+            except OSError as exc:
+                shutil.rmtree(stage, ignore_errors=True)
+                if durable.is_out_of_space(exc):
+                    raise durable.out_of_space(exc, f"creating model {name!r}") from exc
+                raise
+            durable.fsync_dir(self._root)
+            record, _ = model_from_doc(doc, name, str(model_dir / MODEL_FILE))
+            return record
+
+    def get_model(self, name: str) -> ModelRecord:
+        self._check_open()
+        record, _ = self._read_model(check_name(name))
+        return record
+
+    def list_models(self) -> list[ModelRecord]:
+        """Every model, by name. A model created or deleted meanwhile may or may not be
+        listed, but never half."""
+        self._check_open()
+        records = []
+        with os.scandir(self._root) as entries:
+            names = sorted(entry.name for entry in entries)
+        for entry in names:
+            try:
+                name = check_name(entry)
+                record, _ = self._read_model(name)
+            except (InvalidArgument, NotFound):
+                continue  # not a model, or deleted since the scan
+            except DataLoss as exc:
+                log.warning("store.skip_model root=%s reason=%s", self._root, exc.message)
+                continue
+            records.append(record)
+        return records
+
+    def update_settings(self, name: str, settings: dict[str, Any]) -> ModelRecord:
+        """Change some settings (the others keep their values); a lower `retain` applies
+        retention at once."""
+        self._check_writable()
+        name = check_name(name)
+        with self._mutex:
+            self._check_open()
+            doc = self._read_model_doc(name)
+            doc["settings"] = check_settings(settings, doc["settings"])
+            self._write_model_doc(name, doc)
+            self._apply_retention(name, doc)
+            record, _ = self._read_model(name)
+            return record
+
+    def delete_model(self, name: str) -> None:
+        """Remove model `name` and all its versions. Its version high-water mark stays
+        behind (a tombstone) so that a new model of the same name never reuses a number."""
+        self._check_writable()
+        name = check_name(name)
+        with self._mutex:
+            self._check_open()
+            doc = self._read_model_doc(name)
+            high = max(doc["last_version"], *self._version_numbers(name), 0)
+            tomb = encode_json({"name": name, "last_version": high}, "tombstone", self._max_meta)
+            durable.replace_file(self._tombstones / f"{name}.json", tomb, self._staging)
+            trash = durable.move_to_trash(self._root / name, self._staging)
+            durable.fsync_dir(self._root)
+            self._reaper.put(trash)
+            self._forget(name)
+
+    # --- versions ---------------------------------------------------------------------
+
+    def save_version(
+        self,
+        name: str,
+        state: bytes,
+        *,
+        step: int,
+        parent: int | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> VersionMeta:
+        """Persist `state` as the next version of `name`, then apply retention.
+
+        Returns once the version is durable and visible. `parent` is the version the state
+        descends from (after a rollback) and must be lower than the new number."""
+        self._check_writable()
+        name = check_name(name)
+        step = check_step(step)
+        checked_metrics = check_metrics(metrics)
+        encode_json(checked_metrics, "metrics", self._max_meta)
+        if not isinstance(state, bytes | bytearray | memoryview):
+            raise InvalidArgument("state must be bytes")
+        with self._mutex:
+            self._check_open()
+            doc = self._read_model_doc(name)
+            version = max(doc["last_version"], *self._version_numbers(name), 0) + 1
+            if parent is not None and not 1 <= check_version(parent) < version:
+                raise InvalidArgument(
+                    f"invalid parent {parent} for version {version} of model {name!r}:"
+                    " a parent is an earlier version"
+                )
+            stage = durable.new_staging_dir(self._staging, "version")
+            try:
+                sha = durable.write_new_file_hashed(stage / WEIGHTS_FILE, state)
+                meta_doc = {
+                    "format": FORMAT,
+                    "model": name,
+                    "version": version,
+                    "step": step,
+                    "created_at": time.time(),
+                    "parent": parent,
+                    "metrics": checked_metrics,
+                    "sha256": sha,
+                    "size_bytes": memoryview(state).nbytes,
+                    "spec": doc["spec"],
+                }
+                meta_bytes = encode_json(meta_doc, "version metadata", self._max_meta)
+                durable.write_new_file(stage / META_FILE, meta_bytes)
+                durable.fsync_dir(stage)
+                version_dir = self._root / name / VERSIONS_DIR / str(version)
+                os.rename(stage, version_dir)
+            except BaseException as exc:
+                shutil.rmtree(stage, ignore_errors=True)
+                if isinstance(exc, OSError) and durable.is_out_of_space(exc):
+                    raise durable.out_of_space(exc, f"saving model {name!r}") from exc
+                raise
+            durable.fsync_dir(version_dir.parent)
+            meta = version_from_doc(meta_doc, name, version, str(version_dir))
+            weights = os.stat(version_dir / WEIGHTS_FILE)
+            self._remember(name, version, _identity(weights), sha, True)
+            self._apply_retention(name, doc)
+            return meta
+
+    def list_versions(self, name: str) -> list[VersionMeta]:
+        """Metadata of every visible version, oldest first; never reads weights. A version
+        whose meta.json is unreadable is logged and left out (loading it raises)."""
+        self._check_open()
+        name = check_name(name)
+        self._read_model(name)
+        metas = []
+        for version in sorted(self._version_numbers(name)):
+            try:
+                metas.append(self._read_meta(name, version))
+            except NotFound:
+                continue  # removed by retention since the scan
+            except DataLoss as exc:
+                log.warning("store.skip_version reason=%s", exc.message)
+        return metas
+
+    def load_version(self, name: str, version: int) -> tuple[VersionMeta, bytes]:
+        """The metadata and state bytes of a version, verified against its sha256.
+
+        NotFound if the model or version does not exist (or was removed meanwhile);
+        DataLoss if anything stored fails verification."""
+        self._check_open()
+        name = check_name(name)
+        version = check_version(version)
+        version_dir = self._root / name / VERSIONS_DIR / str(version)
+        try:
+            dir_fd = os.open(version_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            self._read_model(name)  # NotFound for the model first
+            raise NotFound(f"version {version} of model {name!r} not found") from None
+        try:
+            # Both files are read through the folder's descriptor: if the folder is moved
+            # away meanwhile, they are still the same version's files.
+            meta = self._read_meta(name, version, dir_fd=dir_fd)
+            try:
+                fd = os.open(WEIGHTS_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            except FileNotFoundError:
+                if version_dir.is_dir():
+                    raise DataLoss(
+                        f"model {name!r} version {version}: weights file is missing"
+                    ) from None
+                raise NotFound(f"version {version} of model {name!r} was removed") from None
+        finally:
+            os.close(dir_fd)
+        try:
+            ident = _identity(os.fstat(fd))
+            data = self._read_exactly(fd, meta)
+        finally:
+            os.close(fd)
+        digest = hashlib.sha256(data).hexdigest()
+        ok = digest == meta.sha256
+        self._remember(name, version, ident, meta.sha256, ok)
+        if not ok:
+            raise DataLoss(
+                f"model {name!r} version {version}: weights fail their sha256 check"
+                f" (stored {meta.sha256[:16]}..., computed {digest[:16]}...);"
+                " the version will not be served"
+            )
+        return meta, data
+
+    def latest_version(self, name: str) -> VersionMeta | None:
+        """The newest version whose weights verify, or None. Corrupt versions are logged
+        and skipped; verdicts are cached by file identity."""
+        self._check_open()
+        name = check_name(name)
+        self._read_model(name)
+        for version in sorted(self._version_numbers(name), reverse=True):
+            try:
+                meta = self._read_meta(name, version)
+                if self._verified(name, meta):
+                    return meta
+            except NotFound:
+                continue
+            except DataLoss as exc:
+                log.warning("store.skip_version reason=%s", exc.message)
+        return None
+
+    # --- labels -----------------------------------------------------------------------
+
+    def set_label(self, name: str, label: str, version: int) -> ModelRecord:
+        """Point `label` at an existing `version`, creating or moving it atomically."""
+        self._check_writable()
+        name = check_name(name)
+        label = check_name(label, "label")
+        version = check_version(version)
+        with self._mutex:
+            self._check_open()
+            doc = self._read_model_doc(name)
+            self._read_meta(name, version)  # NotFound unless the version exists
+            doc["labels"] = {**doc["labels"], label: version}
+            self._write_model_doc(name, doc)
+            record, _ = self._read_model(name)
+            return record
+
+    def remove_label(self, name: str, label: str) -> ModelRecord:
+        """Remove `label`. The version it named is kept until retention next runs."""
+        self._check_writable()
+        name = check_name(name)
+        label = check_name(label, "label")
+        with self._mutex:
+            self._check_open()
+            doc = self._read_model_doc(name)
+            if label not in doc["labels"]:
+                raise NotFound(f"label {label!r} of model {name!r} not found")
+            doc["labels"] = {k: v for k, v in doc["labels"].items() if k != label}
+            self._write_model_doc(name, doc)
+            record, _ = self._read_model(name)
+            return record
+
+    def resolve(self, name: str, *, version: int | None = None, label: str | None = None) -> int:
+        """The version number that `version` or `label` names (at most one of them); with
+        neither, the latest verified version. NotFound if there is none."""
+        self._check_open()
+        name = check_name(name)
+        if version is not None and label is not None:
+            raise InvalidArgument("give a version or a label, not both")
+        if version is not None:
+            self._read_meta(name, check_version(version))
+            return version
+        if label is not None:
+            label = check_name(label, "label")
+            record, _ = self._read_model(name)
+            if label not in record.labels:
+                raise NotFound(f"label {label!r} of model {name!r} not found")
+            target = record.labels[label]
+            try:
+                self._read_meta(name, target)
+            except NotFound:
+                raise NotFound(
+                    f"label {label!r} of model {name!r} names version {target},"
+                    " which no longer exists"
+                ) from None
+            return target
+        latest = self.latest_version(name)
+        if latest is None:
+            raise NotFound(f"model {name!r} has no saved version that verifies")
+        return latest.version
+
+    # --- internals --------------------------------------------------------------------
+
+    def _read_model_doc(self, name: str) -> dict[str, Any]:
+        path = self._root / name / MODEL_FILE
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"model {name!r} not found") from None
+        doc = decode_doc(data, str(path))
+        model_from_doc(doc, name, str(path))  # validates the shape
+        return doc
+
+    def _read_model(self, name: str) -> tuple[ModelRecord, int]:
+        doc = self._read_model_doc(name)
+        return model_from_doc(doc, name, str(self._root / name / MODEL_FILE))
+
+    def _write_model_doc(self, name: str, doc: dict[str, Any]) -> None:
+        doc["last_version"] = max(doc["last_version"], *self._version_numbers(name), 0)
+        data = encode_json(doc, f"model {name!r} metadata", self._max_meta)
+        try:
+            durable.replace_file(self._root / name / MODEL_FILE, data, self._staging)
+        except OSError as exc:
+            if durable.is_out_of_space(exc):
+                raise durable.out_of_space(exc, f"updating model {name!r}") from exc
+            raise
+
+    def _tombstone(self, name: str) -> int:
+        path = self._tombstones / f"{name}.json"
+        try:
+            doc = decode_doc(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            return 0
+        high = doc.get("last_version")
+        if isinstance(high, bool) or not isinstance(high, int) or high < 0:
+            raise DataLoss(f"{path}: malformed high-water mark")
+        return high
+
+    def _version_numbers(self, name: str) -> list[int]:
+        try:
+            with os.scandir(self._root / name / VERSIONS_DIR) as entries:
+                numbers = [_version_number(entry.name) for entry in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [n for n in numbers if n is not None]
+
+    def _read_meta(self, name: str, version: int, *, dir_fd: int | None = None) -> VersionMeta:
+        where = f"model {name!r} version {version}"
+        try:
+            if dir_fd is None:
+                path = self._root / name / VERSIONS_DIR / str(version) / META_FILE
+                data = path.read_bytes()
+            else:
+                fd = os.open(META_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+                with open(fd, "rb") as f:
+                    data = f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            if dir_fd is not None:
+                raise DataLoss(f"{where}: meta.json is missing") from None
+            raise NotFound(f"version {version} of model {name!r} not found") from None
+        meta_doc = decode_doc(data, f"{where}: meta.json")
+        return version_from_doc(meta_doc, name, version, f"{where}: meta.json")
+
+    @staticmethod
+    def _read_exactly(fd: int, meta: VersionMeta) -> bytes:
+        where = f"model {meta.model!r} version {meta.version}"
+        size = os.fstat(fd).st_size
+        if size != meta.size_bytes:
+            raise DataLoss(f"{where}: weights are {size} bytes, expected {meta.size_bytes}")
+        chunks = []
+        remaining = size
+        while remaining > 0:  # one read in practice; each pass reads >= 1 byte or stops
+            chunk = os.read(fd, remaining)
+            if not chunk:
+                raise DataLoss(f"{where}: weights were truncated while being read")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _verified(self, name: str, meta: VersionMeta) -> bool:
+        path = self._root / name / VERSIONS_DIR / str(meta.version) / WEIGHTS_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            ident = _identity(os.fstat(fd))
+            cached = self._verdicts.get((name, meta.version))
+            if cached is not None and cached[0] == ident and cached[1] == meta.sha256:
+                return cached[2]
+            try:
+                ok = hashlib.sha256(self._read_exactly(fd, meta)).hexdigest() == meta.sha256
+            except DataLoss:
+                ok = False
+        finally:
+            os.close(fd)
+        self._remember(name, meta.version, ident, meta.sha256, ok)
+        if not ok:
+            log.warning(
+                "store.corrupt_version model=%s version=%d reason=sha256 mismatch",
+                name,
+                meta.version,
+            )
+        return ok
+
+    def _remember(self, name: str, version: int, ident: _FileIdentity, sha: str, ok: bool) -> None:
+        if len(self._verdicts) >= _MAX_CACHED_VERDICTS:
+            self._verdicts.clear()
+        self._verdicts[(name, version)] = (ident, sha, ok)
+
+    def _forget(self, name: str) -> None:
+        for key in [key for key in self._verdicts if key[0] == name]:
+            self._verdicts.pop(key, None)
+
+    def _apply_retention(self, name: str, doc: dict[str, Any]) -> None:
+        """Keep the newest `retain` versions plus every labelled one; remove the rest,
+        each by one atomic rename out of the versions folder."""
+        retain = doc["settings"]["retain"]
+        labelled = set(doc["labels"].values())
+        versions = sorted(self._version_numbers(name))
+        doomed = [v for v in versions[: max(len(versions) - retain, 0)] if v not in labelled]
+        if not doomed:
+            return
+        versions_dir = self._root / name / VERSIONS_DIR
+        trash = [durable.move_to_trash(versions_dir / str(v), self._staging) for v in doomed]
+        durable.fsync_dir(versions_dir)
+        for folder in trash:
+            self._reaper.put(folder)
+        for v in doomed:
+            self._verdicts.pop((name, v), None)
+        log.info("store.retention model=%s removed=%s", name, doomed)
