@@ -1,0 +1,91 @@
+"""Server settings: one class, read from flags and ``PROPSERVE_*`` environment variables.
+
+Defaults are safe for a laptop: an embedded store in ./models, both transports on loopback,
+no TLS, no tokens (which the server allows only on loopback unless ``insecure`` is set).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Each field is also ``PROPSERVE_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROPSERVE_", extra="forbid", validate_default=True
+    )
+
+    store: Path = Field(Path("models"), description="Folder of the model store (created).")
+    rest_host: str = Field("127.0.0.1", description="Address the REST API listens on.")
+    rest_port: int = Field(8000, ge=0, le=65535, description="REST port (0: pick a free one).")
+    grpc_host: str = Field("127.0.0.1", description="Address the gRPC API listens on.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one).")
+    tokens: SecretStr | None = Field(
+        None,
+        description="Bearer tokens and roles, 'token=role[+role];token2=role'. Roles: "
+        "predict, train (implies predict), admin (implies all).",
+    )
+    tokens_file: Path | None = Field(
+        None, description="File of tokens, one 'token=role[+role]' per line ('#' comments)."
+    )
+    insecure: bool = Field(False, description="Allow listening beyond loopback without tokens.")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain: enables TLS on both transports (with tls_key)."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
+    max_message_bytes: int = Field(
+        64 << 20, ge=1024, description="Largest request body (REST) or message (gRPC)."
+    )
+    max_rows: int = Field(65536, ge=1, description="Most rows in one Predict or TrainStep.")
+    max_params: int = Field(50_000_000, ge=1, description="Most parameters in one model.")
+    default_retain: int = Field(10, ge=1, description="Versions kept per model unless set.")
+    default_autosave_every: int = Field(
+        0, ge=0, description="Autosave every N steps unless set per model (0: off)."
+    )
+    version_cache: int = Field(
+        8, ge=0, description="Saved versions kept loaded in memory for Predict."
+    )
+    grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    blas_threads: int | None = Field(
+        None, ge=1, description="BLAS threads for the engine (default: the library's own)."
+    )
+    log_level: str = Field("info", description="debug, info, warning or error.")
+    ready_file: Path | None = Field(
+        None,
+        description="When ready, write {pid, rest_port, grpc_port} as JSON here (for "
+        "supervisors and tests using port 0).",
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be debug, info, warning or error")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+    @property
+    def loopback_only(self) -> bool:
+        return is_loopback(self.rest_host) and is_loopback(self.grpc_host)

@@ -1,0 +1,379 @@
+"""The gRPC adapter: decode messages, call the core, encode answers. No business rules.
+
+Errors map through ``STATUS`` (one table); authentication, metrics, request ids and the
+mapping happen in one decorator around every method.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from numpy.typing import NDArray
+
+from propserve.v1 import model_service_pb2 as pb
+from propserve.v1 import model_service_pb2_grpc as pb_grpc
+from service import errors, tensors
+from service.auth import Authenticator
+from service.core import Core, ModelInfo, VersionInfo
+from service.dispatch import Dispatcher
+from service.metrics import Metrics
+
+log = logging.getLogger("propserve.grpc")
+
+STATUS: dict[type[errors.PropserveError], grpc.StatusCode] = {
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+}
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+
+_WIRE_DTYPES = {
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_FLOAT64: "float64",
+    pb.DTYPE_INT32: "int32",
+    pb.DTYPE_INT64: "int64",
+}
+_DTYPE_ENUMS = {name: enum for enum, name in _WIRE_DTYPES.items()}
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, Context], Awaitable[Response]]
+
+
+def _status(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, errors.PropserveError):
+        return STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+    return grpc.StatusCode.INTERNAL
+
+
+def tensor_in(tensor: pb.Tensor, what: str, max_elements: int) -> NDArray[Any]:
+    dtype = _WIRE_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise errors.InvalidArgument(
+            f"{what}: dtype must be set (DTYPE_FLOAT32, DTYPE_FLOAT64, DTYPE_INT32 or DTYPE_INT64)"
+        )
+    try:
+        return tensors.from_bytes(list(tensor.shape), dtype, tensor.data, max_elements)
+    except errors.PropserveError as exc:
+        raise type(exc)(f"{what}: {exc.message}") from None
+
+
+def tensor_out(array: NDArray[Any]) -> pb.Tensor:
+    shape, dtype, data = tensors.to_bytes(array)
+    return pb.Tensor(shape=shape, dtype=_DTYPE_ENUMS[dtype], data=data)
+
+
+def model_out(info: ModelInfo) -> pb.Model:
+    import json  # noqa: PLC0415 - only here
+
+    return pb.Model(
+        name=info.name,
+        spec_json=json.dumps(info.spec),
+        settings=pb.ModelSettings(
+            retain=info.settings.get("retain"), autosave_every=info.settings.get("autosave_every")
+        ),
+        labels=info.labels,
+        head_step=info.head_step,
+        latest_version=info.latest_version or 0,
+        unsaved_steps=info.unsaved_steps,
+        parameter_count=info.parameter_count,
+        created_at=_iso(info.created_at),
+        last_loss=math.nan if info.last_loss is None else info.last_loss,
+    )
+
+
+def version_out(info: VersionInfo) -> pb.Version:
+    return pb.Version(
+        model=info.model,
+        version=info.version,
+        step=info.step,
+        created_at=_iso(info.created_at),
+        parent=info.parent or 0,
+        metrics=info.metrics,
+        sha256=info.sha256,
+        size_bytes=info.size_bytes,
+        labels=info.labels,
+    )
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + (
+        f".{int(timestamp % 1 * 1e6):06d}Z"
+    )
+
+
+def _settings_in(settings: pb.ModelSettings) -> dict[str, int]:
+    out = {}
+    if settings.HasField("retain"):
+        out["retain"] = settings.retain
+    if settings.HasField("autosave_every"):
+        out["autosave_every"] = settings.autosave_every
+    return out
+
+
+def _request_id(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+def _authorization(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return None
+
+
+class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
+    """propserve.v1.ModelService over the core."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, auth: Authenticator, metrics: Metrics, max_elements: int
+    ) -> None:
+        self.dispatch = dispatcher
+        self.core: Core = dispatcher.core
+        self.auth = auth
+        self.metrics = metrics
+        self.max_elements = max_elements
+
+    async def _fail(
+        self, context: Context, method: str, rid: str, exc: BaseException
+    ) -> grpc.StatusCode:
+        """Abort the call with the mapped status (raises); returns the code for metrics."""
+        if isinstance(exc, errors.PropserveError):
+            code = _status(exc)
+            log.info(
+                "request.failed transport=grpc method=%s code=%s request_id=%s message=%r",
+                method,
+                code.name,
+                rid,
+                exc.message,
+            )
+            context.set_trailing_metadata((("x-request-id", rid),))
+            await context.abort(code, exc.message)
+        log.error(
+            "request.internal_error transport=grpc method=%s request_id=%s",
+            method,
+            rid,
+            exc_info=exc,
+        )
+        context.set_trailing_metadata((("x-request-id", rid),))
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
+        raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+    @staticmethod
+    def rpc(method: str) -> Callable[[Handler[Request, Response]], Handler[Request, Response]]:
+        """Authorise, time, count and map errors for one unary method."""
+
+        def wrap(fn: Handler[Request, Response]) -> Handler[Request, Response]:
+            @functools.wraps(fn)
+            async def handler(
+                self: ModelServiceAdapter, request: Request, context: Context
+            ) -> Response:
+                start = time.perf_counter()
+                rid = _request_id(context)
+                code = "OK"
+                try:
+                    self.auth.authorize(_authorization(context), method)
+                    return await fn(self, request, context)
+                except Exception as exc:
+                    code = _status(exc).name
+                    await self._fail(context, method, rid, exc)
+                    raise
+                finally:
+                    self.metrics.observe(method, "grpc", code, time.perf_counter() - start)
+
+            return handler
+
+        return wrap
+
+    # -- models ----------------------------------------------------------------------
+
+    @rpc("CreateModel")
+    async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.Model:
+        import json  # noqa: PLC0415 - only here
+
+        try:
+            spec = json.loads(request.spec_json)
+        except json.JSONDecodeError as exc:
+            raise errors.InvalidArgument(f"spec_json is not valid JSON: {exc}") from None
+        info = await self.dispatch.offload(
+            self.core.create_model, request.name, spec, _settings_in(request.settings)
+        )
+        return model_out(info)
+
+    @rpc("GetModel")
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
+        return model_out(self.core.get_model(request.name))
+
+    @rpc("ListModels")
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_out(m) for m in self.core.list_models()])
+
+    @rpc("DeleteModel")
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: Context
+    ) -> pb.DeleteModelResponse:
+        await self.dispatch.offload(self.core.delete_model, request.name)
+        return pb.DeleteModelResponse()
+
+    @rpc("UpdateModel")
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context: Context) -> pb.Model:
+        info = await self.dispatch.offload(
+            self.core.update_settings, request.name, _settings_in(request.settings)
+        )
+        return model_out(info)
+
+    # -- predicting and training -----------------------------------------------------
+
+    @rpc("Predict")
+    async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
+        inputs = tensor_in(request.inputs, "inputs", self.max_elements)
+        source = request.WhichOneof("source")
+        kwargs: dict[str, Any] = {}
+        if source == "version":
+            kwargs["version"] = request.version
+        elif source == "label":
+            kwargs["label"] = request.label
+        result = await self.dispatch.predict(request.model, inputs, **kwargs)
+        return pb.PredictResponse(
+            outputs=tensor_out(result.outputs), version=result.version or 0, step=result.step
+        )
+
+    def _decode_step(self, request: pb.TrainStepRequest) -> tuple[Any, Any, float | None]:
+        inputs = tensor_in(request.inputs, "inputs", self.max_elements)
+        targets = tensor_in(request.targets, "targets", self.max_elements)
+        lr = request.learning_rate if request.HasField("learning_rate") else None
+        return inputs, targets, lr
+
+    async def _step(self, name: str, request: pb.TrainStepRequest) -> pb.TrainStepResponse:
+        inputs, targets, lr = self._decode_step(request)
+        outcome = await self.dispatch.offload(
+            self.core.train_step, name, inputs, targets, learning_rate=lr
+        )
+        response = pb.TrainStepResponse(
+            step=outcome.step, loss=outcome.loss, batch_size=outcome.batch_size
+        )
+        if outcome.accuracy is not None:
+            response.accuracy = outcome.accuracy
+        if outcome.saved_version is not None:
+            response.saved_version = outcome.saved_version
+        return response
+
+    @rpc("TrainStep")
+    async def TrainStep(
+        self, request: pb.TrainStepRequest, context: Context
+    ) -> pb.TrainStepResponse:
+        return await self._step(request.model, request)
+
+    async def Train(
+        self,
+        request_iterator: AsyncIterator[pb.TrainStepRequest],
+        context: Context,
+    ) -> AsyncIterator[pb.TrainStepResponse]:
+        """One response per batch; a failing batch ends the stream with its index named."""
+        start = time.perf_counter()
+        rid = _request_id(context)
+        code = "OK"
+        index = 0
+        name = ""
+        try:
+            self.auth.authorize(_authorization(context), "Train")
+            async for request in request_iterator:
+                if request.model and name and request.model != name:
+                    raise errors.InvalidArgument(
+                        f"model {request.model!r} differs from the stream's model {name!r}"
+                    )
+                name = request.model or name
+                if not name:
+                    raise errors.InvalidArgument("the first message must name the model")
+                try:
+                    yield await self._step(name, request)
+                except errors.PropserveError as exc:
+                    raise type(exc)(f"batch {index}: {exc.message}") from None
+                index += 1
+        except Exception as exc:
+            code = _status(exc).name
+            await self._fail(context, "Train", rid, exc)
+        finally:
+            self.metrics.observe("Train", "grpc", code, time.perf_counter() - start)
+            if index:
+                log.debug("train.stream_closed model=%s batches=%d request_id=%s", name, index, rid)
+
+    # -- versions and labels ---------------------------------------------------------
+
+    @rpc("SaveVersion")
+    async def SaveVersion(self, request: pb.SaveVersionRequest, context: Context) -> pb.Version:
+        return version_out(await self.dispatch.offload(self.core.save_version, request.model))
+
+    @rpc("ListVersions")
+    async def ListVersions(
+        self, request: pb.ListVersionsRequest, context: Context
+    ) -> pb.ListVersionsResponse:
+        versions = await self.dispatch.offload(self.core.list_versions, request.model)
+        return pb.ListVersionsResponse(versions=[version_out(v) for v in versions])
+
+    @rpc("SetLabel")
+    async def SetLabel(self, request: pb.SetLabelRequest, context: Context) -> pb.Model:
+        info = await self.dispatch.offload(
+            self.core.set_label, request.model, request.label, request.version
+        )
+        return model_out(info)
+
+    @rpc("RemoveLabel")
+    async def RemoveLabel(self, request: pb.RemoveLabelRequest, context: Context) -> pb.Model:
+        info = await self.dispatch.offload(self.core.remove_label, request.model, request.label)
+        return model_out(info)
+
+    @rpc("Rollback")
+    async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.Model:
+        target = request.WhichOneof("target")
+        if target is None:
+            raise errors.InvalidArgument("rollback needs a version or a label")
+        kwargs: dict[str, Any] = {target: getattr(request, target)}
+        return model_out(await self.dispatch.offload(self.core.rollback, request.model, **kwargs))
+
+
+def build_server(
+    adapter: ModelServiceAdapter, *, max_message_bytes: int
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with the model service, the standard health service and reflection.
+
+    Ports are added by the caller."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_ModelServiceServicer_to_server(adapter, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server, health_servicer

@@ -1,0 +1,582 @@
+"""The REST adapter (FastAPI): decode JSON, call the core, encode answers. No business rules.
+
+Tensor-carrying bodies (predict, train_step) are parsed with orjson and turned into numpy
+arrays directly: validating a 256 x 784 list element by element through pydantic costs
+~100 ms, numpy ~1 ms. Their schemas are still declared, so /openapi.json documents them.
+Errors map through ``HTTP_STATUS`` (one table) to ``{"error": {"code", "message"}}``.
+"""
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors, tensors
+from service.auth import Authenticator, Principal
+from service.core import Core, ModelInfo, VersionInfo
+from service.dispatch import Dispatcher
+from service.metrics import Metrics
+
+log = logging.getLogger("propserve.rest")
+
+HTTP_STATUS: dict[type[errors.PropserveError], int] = {
+    errors.NotFound: 404,
+    errors.InvalidArgument: 400,
+    errors.AlreadyExists: 409,
+    errors.FailedPrecondition: 409,
+    errors.ResourceExhausted: 413,
+    errors.Unauthenticated: 401,
+    errors.PermissionDenied: 403,
+    errors.Unavailable: 503,
+    errors.DataLoss: 500,
+}
+
+
+# -- wire schemas ------------------------------------------------------------------------
+
+Tensor = list[Any]
+
+
+class FlatTensor(BaseModel):
+    """A tensor as flat row-major data plus its shape (an alternative to nested lists)."""
+
+    data: list[float]
+    shape: list[int]
+    dtype: str | None = Field(None, description="float32, float64, int32 or int64")
+
+
+TensorJSON = Annotated[
+    list[list[float]] | list[int] | FlatTensor,
+    Field(
+        description="Nested lists (batch, features), a flat list of integer labels, or "
+        "{data, shape}."
+    ),
+]
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    retain: int | None = Field(None, ge=1, description="Versions kept besides labelled ones.")
+    autosave_every: int | None = Field(None, ge=0, description="Save every N steps (0: off).")
+
+    def given(self) -> dict[str, int]:
+        return self.model_dump(exclude_none=True)
+
+
+class CreateModelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="[a-z0-9][a-z0-9._-]{0,63}")
+    spec: dict[str, Any] = Field(
+        description="input_dim, layers, loss, optimizer, dtype, init, seed, grad_clip_norm"
+    )
+    settings: Settings = Field(default_factory=Settings)
+
+
+class UpdateModelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    settings: Settings
+
+
+class ModelOut(BaseModel):
+    name: str
+    spec: dict[str, Any]
+    settings: dict[str, int]
+    labels: dict[str, int]
+    head_step: int
+    latest_version: int | None
+    unsaved_steps: int
+    parameter_count: int
+    created_at: float
+    last_loss: float | None
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class VersionOut(BaseModel):
+    model: str
+    version: int
+    step: int
+    created_at: float
+    parent: int | None
+    metrics: dict[str, float]
+    sha256: str
+    size_bytes: int
+    labels: list[str]
+
+
+class VersionList(BaseModel):
+    versions: list[VersionOut]
+
+
+class PredictBody(BaseModel):
+    inputs: TensorJSON
+    version: int | None = Field(None, ge=1, description="A saved version (default: head).")
+    label: str | None = Field(None, description="A label naming a saved version.")
+
+
+class PredictOut(BaseModel):
+    model: str
+    outputs: list[list[float]]
+    version: int | None = Field(description="The version that answered (null: the head).")
+    step: int
+
+
+class TrainStepBody(BaseModel):
+    inputs: TensorJSON
+    targets: TensorJSON
+    learning_rate: float | None = None
+
+
+class TrainStepOut(BaseModel):
+    step: int
+    loss: float
+    accuracy: float | None
+    batch_size: int
+    saved_version: int | None
+
+
+class LabelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int | None = Field(None, ge=1)
+    label: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+def model_out(info: ModelInfo) -> ModelOut:
+    return ModelOut(
+        name=info.name,
+        spec=info.spec,
+        settings=info.settings,
+        labels=info.labels,
+        head_step=info.head_step,
+        latest_version=info.latest_version,
+        unsaved_steps=info.unsaved_steps,
+        parameter_count=info.parameter_count,
+        created_at=info.created_at,
+        last_loss=info.last_loss,
+    )
+
+
+def version_out(info: VersionInfo) -> VersionOut:
+    return VersionOut(
+        model=info.model,
+        version=info.version,
+        step=info.step,
+        created_at=info.created_at,
+        parent=info.parent,
+        metrics=info.metrics,
+        sha256=info.sha256,
+        size_bytes=info.size_bytes,
+        labels=list(info.labels),
+    )
+
+
+def tensor_json(value: Any, what: str, max_elements: int, dtype: str | None = None) -> Any:
+    """A JSON tensor (nested lists or {data, shape[, dtype]}) as a numpy array.
+
+    ``dtype`` is the default when the body names none: inputs are features, so JSON integers
+    there are floats; targets keep JSON's kind (integers are class labels)."""
+    try:
+        if isinstance(value, dict):
+            unknown = set(value) - {"data", "shape", "dtype"}
+            if unknown or "data" not in value or "shape" not in value:
+                raise errors.InvalidArgument("a flat tensor is {data, shape[, dtype]}")
+            return tensors.from_json(
+                value["data"],
+                shape=value["shape"],
+                dtype=value.get("dtype") or dtype,
+                max_elements=max_elements,
+            )
+        return tensors.from_json(value, dtype=dtype, max_elements=max_elements)
+    except errors.PropserveError as exc:
+        raise type(exc)(f"{what}: {exc.message}") from None
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise errors.InvalidArgument(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise errors.InvalidArgument("the body must be a JSON object")
+    return body
+
+
+def _optional_int(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise errors.InvalidArgument(f"{key} must be an integer")
+    return value
+
+
+def _only(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise errors.InvalidArgument(f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def orjson_response(content: Any, status: int = 200) -> Response:
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+        status,
+        media_type="application/json",
+    )
+
+
+def error_response(code: str, message: str, status: int, rid: str | None = None) -> Response:
+    headers = {"x-request-id": rid} if rid else None
+    return Response(
+        orjson.dumps({"error": {"code": code, "message": message}}),
+        status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+# -- authentication ----------------------------------------------------------------------
+
+
+def _require(operation: str) -> Callable[[Request], Awaitable[Principal | None]]:
+    """A dependency that authorises ``operation`` and names it for metrics."""
+
+    async def dependency(request: Request) -> Principal | None:
+        request.scope["state"]["operation"] = operation
+        auth: Authenticator = request.app.state.auth
+        return auth.authorize(request.headers.get("authorization"), operation)
+
+    dependency.__name__ = f"authorize_{operation}"
+    return dependency
+
+
+CallerCreateModel = Annotated[Principal | None, Depends(_require("CreateModel"))]
+CallerListModels = Annotated[Principal | None, Depends(_require("ListModels"))]
+CallerGetModel = Annotated[Principal | None, Depends(_require("GetModel"))]
+CallerUpdateModel = Annotated[Principal | None, Depends(_require("UpdateModel"))]
+CallerDeleteModel = Annotated[Principal | None, Depends(_require("DeleteModel"))]
+CallerPredict = Annotated[Principal | None, Depends(_require("Predict"))]
+CallerTrainStep = Annotated[Principal | None, Depends(_require("TrainStep"))]
+CallerSaveVersion = Annotated[Principal | None, Depends(_require("SaveVersion"))]
+CallerListVersions = Annotated[Principal | None, Depends(_require("ListVersions"))]
+CallerSetLabel = Annotated[Principal | None, Depends(_require("SetLabel"))]
+CallerRemoveLabel = Annotated[Principal | None, Depends(_require("RemoveLabel"))]
+CallerRollback = Annotated[Principal | None, Depends(_require("Rollback"))]
+
+
+# -- middleware --------------------------------------------------------------------------
+
+
+class RequestContext:
+    """Pure ASGI middleware: request ids, body-size limit, latency and code metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        rid = (
+            next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+            or uuid.uuid4().hex[:16]
+        )
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            response = error_response(
+                "resource_exhausted",
+                f"request body of {int(length):,} bytes exceeds the limit of {self.max_body:,}",
+                413,
+                rid,
+            )
+            await response(scope, receive, send)
+            self._observe(scope, 413, start)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise errors.ResourceExhausted(
+                        f"request body exceeds the limit of {self.max_body:,} bytes"
+                    )
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", rid.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        finally:
+            self._observe(scope, status, start)
+
+    def _observe(self, scope: Scope, status: int, start: float) -> None:
+        operation = scope.get("state", {}).get("operation") or "other"
+        self.metrics.observe(operation, "rest", str(status), time.perf_counter() - start)
+
+
+# -- the application ---------------------------------------------------------------------
+
+
+def create_app(
+    dispatcher: Dispatcher,
+    auth: Authenticator,
+    metrics: Metrics,
+    *,
+    max_body: int,
+    max_elements: int,
+    ready: Callable[[], bool],
+) -> ASGIApp:
+    """The REST API, wrapped in its request-context middleware."""
+    core: Core = dispatcher.core
+
+    errors_doc: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 503)
+    }
+    v1 = APIRouter(prefix="/v1", tags=["models"], responses=errors_doc)
+
+    @v1.post("/models", status_code=201, response_model=ModelOut, operation_id="CreateModel")
+    async def create_model(body: CreateModelBody, _: CallerCreateModel) -> ModelOut:
+        info = await dispatcher.offload(
+            core.create_model, body.name, body.spec, body.settings.given()
+        )
+        return model_out(info)
+
+    @v1.get("/models", response_model=ModelList, operation_id="ListModels")
+    async def list_models(_: CallerListModels) -> ModelList:
+        return ModelList(models=[model_out(m) for m in core.list_models()])
+
+    @v1.get("/models/{name}", response_model=ModelOut, operation_id="GetModel")
+    async def get_model(name: str, _: CallerGetModel) -> ModelOut:
+        return model_out(core.get_model(name))
+
+    @v1.patch("/models/{name}", response_model=ModelOut, operation_id="UpdateModel")
+    async def update_model(name: str, body: UpdateModelBody, _: CallerUpdateModel) -> ModelOut:
+        return model_out(
+            await dispatcher.offload(core.update_settings, name, body.settings.given())
+        )
+
+    @v1.delete("/models/{name}", status_code=204, operation_id="DeleteModel")
+    async def delete_model(name: str, _: CallerDeleteModel) -> Response:
+        await dispatcher.offload(core.delete_model, name)
+        return Response(status_code=204)
+
+    @v1.post(
+        "/models/{name}/predict",
+        response_model=PredictOut,
+        operation_id="Predict",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictBody"}}
+                },
+            }
+        },
+    )
+    async def predict(name: str, request: Request, _: CallerPredict) -> Response:
+        body = await json_body(request)
+        _only(body, {"inputs", "version", "label"})
+        if "inputs" not in body:
+            raise errors.InvalidArgument("predict needs 'inputs'")
+        label = body.get("label")
+        if label is not None and not isinstance(label, str):
+            raise errors.InvalidArgument("label must be a string")
+        inputs = tensor_json(body["inputs"], "inputs", max_elements, "float64")
+        result = await dispatcher.predict(
+            name, inputs, version=_optional_int(body, "version"), label=label
+        )
+        return orjson_response(
+            {
+                "model": name,
+                "outputs": result.outputs,
+                "version": result.version,
+                "step": result.step,
+            }
+        )
+
+    @v1.post(
+        "/models/{name}/train_step",
+        response_model=TrainStepOut,
+        operation_id="TrainStep",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/TrainStepBody"}}
+                },
+            }
+        },
+    )
+    async def train_step(name: str, request: Request, _: CallerTrainStep) -> Response:
+        body = await json_body(request)
+        _only(body, {"inputs", "targets", "learning_rate"})
+        if "inputs" not in body or "targets" not in body:
+            raise errors.InvalidArgument("train_step needs 'inputs' and 'targets'")
+        lr = body.get("learning_rate")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float)):
+            raise errors.InvalidArgument("learning_rate must be a number")
+        inputs = tensor_json(body["inputs"], "inputs", max_elements, "float64")
+        targets = tensor_json(body["targets"], "targets", max_elements)
+        outcome = await dispatcher.offload(core.train_step, name, inputs, targets, learning_rate=lr)
+        return orjson_response(
+            {
+                "step": outcome.step,
+                "loss": outcome.loss,
+                "accuracy": outcome.accuracy,
+                "batch_size": outcome.batch_size,
+                "saved_version": outcome.saved_version,
+            }
+        )
+
+    @v1.post(
+        "/models/{name}/versions",
+        status_code=201,
+        response_model=VersionOut,
+        operation_id="SaveVersion",
+    )
+    async def save_version(name: str, _: CallerSaveVersion) -> VersionOut:
+        return version_out(await dispatcher.offload(core.save_version, name))
+
+    @v1.get("/models/{name}/versions", response_model=VersionList, operation_id="ListVersions")
+    async def list_versions(name: str, _: CallerListVersions) -> VersionList:
+        versions = await dispatcher.offload(core.list_versions, name)
+        return VersionList(versions=[version_out(v) for v in versions])
+
+    @v1.put("/models/{name}/labels/{label}", response_model=ModelOut, operation_id="SetLabel")
+    async def set_label(name: str, label: str, body: LabelBody, _: CallerSetLabel) -> ModelOut:
+        return model_out(await dispatcher.offload(core.set_label, name, label, body.version))
+
+    @v1.delete("/models/{name}/labels/{label}", response_model=ModelOut, operation_id="RemoveLabel")
+    async def remove_label(name: str, label: str, _: CallerRemoveLabel) -> ModelOut:
+        return model_out(await dispatcher.offload(core.remove_label, name, label))
+
+    @v1.post("/models/{name}/rollback", response_model=ModelOut, operation_id="Rollback")
+    async def rollback(name: str, body: RollbackBody, _: CallerRollback) -> ModelOut:
+        return model_out(
+            await dispatcher.offload(core.rollback, name, version=body.version, label=body.label)
+        )
+
+    ops = APIRouter(tags=["operations"])
+
+    @ops.get("/healthz", operation_id="Live")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @ops.get("/readyz", operation_id="Ready", responses={503: {"model": ErrorOut}})
+    async def readyz() -> Response:
+        """Readiness: the store is open and the server is not draining."""
+        if ready():
+            return orjson_response({"status": "ready"})
+        return error_response("unavailable", "not ready", 503)
+
+    @ops.get("/metrics", operation_id="Metrics", response_class=Response)
+    async def metrics_text() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app = FastAPI(
+        title="propserve",
+        version="0.1.0",
+        description="Models served and trained over REST; see also the gRPC API.",
+    )
+    app.state.auth = auth
+    app.include_router(v1)
+    app.include_router(ops)
+
+    @app.exception_handler(errors.PropserveError)
+    async def core_error(request: Request, exc: errors.PropserveError) -> Response:
+        status = HTTP_STATUS.get(type(exc), 500)
+        rid = request.scope.get("state", {}).get("request_id")
+        log.info(
+            "request.failed transport=rest path=%s code=%s request_id=%s message=%r",
+            request.url.path,
+            exc.code,
+            rid,
+            exc.message,
+        )
+        return error_response(exc.code, exc.message, status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return error_response("invalid_argument", "the body is not valid JSON", 400)
+        message = "; ".join(
+            f"{'.'.join(str(part) for part in p.get('loc', ()))}: {p.get('msg')}"
+            for p in problems[:5]
+        )
+        return error_response("invalid_argument", message, 422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        rid = request.scope.get("state", {}).get("request_id", "-")
+        log.error(
+            "request.internal_error transport=rest path=%s request_id=%s",
+            request.url.path,
+            rid,
+            exc_info=exc,
+        )
+        return error_response("internal", f"internal error (request id {rid})", 500)
+
+    _declare_schemas(app, PredictBody, TrainStepBody)
+    return RequestContext(app, metrics, max_body)
+
+
+def _declare_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Add request schemas that routes parse by hand to the OpenAPI components."""
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = default_openapi()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in model_schema.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+__all__ = ["HTTP_STATUS", "create_app"]

@@ -1,0 +1,220 @@
+"""One process, one event loop: the gRPC server and the REST app over one core.
+
+Start-up: open the store (the writer lock), load every model's head, bind both transports,
+then turn ready. Shutdown (SIGTERM or SIGINT): turn not-ready, stop taking new requests, let
+in-flight ones finish within the grace period, save every head with unsaved steps, close the
+store, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health_pb2
+
+from service import errors
+from service.auth import Authenticator, load_tokens
+from service.config import Settings
+from service.core import Core, Limits
+from service.dispatch import Dispatcher
+from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, build_server
+from service.metrics import Metrics
+from service.rest_api import create_app
+from service.store import ModelStore
+
+log = logging.getLogger("propserve.server")
+
+
+class _RestServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the process's signals drain both transports
+    together (see :func:`serve`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+@dataclass
+class Server:
+    """A running server; ``rest_port`` and ``grpc_port`` are the bound ports."""
+
+    settings: Settings
+    core: Core
+    dispatcher: Dispatcher
+    grpc_server: grpc.aio.Server
+    health: object
+    rest: uvicorn.Server
+    rest_task: asyncio.Task[None] | None = None
+    rest_port: int = 0
+    grpc_port: int = 0
+    ready: bool = False
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stop(self) -> None:
+        """Drain and stop (idempotent)."""
+        if self.stopped.is_set() or (not self.ready and self.rest_task is None):
+            return
+        log.info("server.draining grace_seconds=%s", self.settings.grace_seconds)
+        self.ready = False
+        await self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        grace = self.settings.grace_seconds
+        grpc_stop = asyncio.create_task(self.grpc_server.stop(grace))
+        self.rest.should_exit = True
+        if self.rest_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.rest_task), grace + 1)
+            except TimeoutError:
+                self.rest.force_exit = True
+                await self.rest_task
+        await grpc_stop
+        self.core.begin_shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, self.core.close)
+        self.dispatcher.close()
+        self.stopped.set()
+        log.info("server.stopped")
+
+
+def _check_exposure(settings: Settings, auth: Authenticator) -> None:
+    if not settings.loopback_only and not auth.enabled and not settings.insecure:
+        raise errors.FailedPrecondition(
+            f"refusing to listen on {settings.rest_host}/{settings.grpc_host} beyond loopback "
+            "without tokens; configure PROPSERVE_TOKENS or PROPSERVE_TOKENS_FILE, or pass "
+            "--insecure to accept the risk"
+        )
+
+
+async def start(settings: Settings) -> Server:
+    """Open the store, build both transports and start listening; returns when ready."""
+    auth = Authenticator(
+        load_tokens(
+            settings.tokens.get_secret_value() if settings.tokens else None, settings.tokens_file
+        )
+    )
+    _check_exposure(settings, auth)
+    if settings.blas_threads is not None:
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415 - optional tuning
+
+        threadpool_limits(settings.blas_threads, user_api="blas")
+    metrics = Metrics()
+    store = ModelStore(settings.store)
+    limits = Limits(
+        max_rows=settings.max_rows,
+        max_params=settings.max_params,
+        max_elements=max(settings.max_message_bytes // 4, 1),
+    )
+    try:
+        core = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: Core(
+                store,
+                limits=limits,
+                metrics=metrics,
+                version_cache=settings.version_cache,
+                default_settings={
+                    "retain": settings.default_retain,
+                    "autosave_every": settings.default_autosave_every,
+                },
+            ),
+        )
+    except BaseException:
+        store.close()
+        raise
+    dispatcher = Dispatcher(core)
+    adapter = ModelServiceAdapter(dispatcher, auth, metrics, limits.max_elements)
+    grpc_server, health = build_server(adapter, max_message_bytes=settings.max_message_bytes)
+    grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if ":" in settings.grpc_host and not settings.grpc_host.startswith("["):
+        grpc_address = f"[{settings.grpc_host}]:{settings.grpc_port}"
+    if settings.tls_cert and settings.tls_key:
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+        )
+        grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
+    else:
+        grpc_port = grpc_server.add_insecure_port(grpc_address)
+
+    server_ref: list[Server] = []
+    app = create_app(
+        dispatcher,
+        auth,
+        metrics,
+        max_body=settings.max_message_bytes,
+        max_elements=limits.max_elements,
+        ready=lambda: bool(server_ref) and server_ref[0].ready,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.rest_host,
+        port=settings.rest_port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(settings.grace_seconds),
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        ssl_version=ssl.PROTOCOL_TLS_SERVER,
+    )
+    rest = _RestServer(config)
+    server = Server(settings, core, dispatcher, grpc_server, health, rest, grpc_port=grpc_port)
+    server_ref.append(server)
+    await grpc_server.start()
+    server.rest_task = asyncio.create_task(rest.serve())
+    while not rest.started:
+        if server.rest_task.done():
+            await grpc_server.stop(0)
+            core.close()
+            server.rest_task.result()
+            raise errors.Unavailable(
+                f"the REST server could not listen on {settings.rest_host}:{settings.rest_port}"
+            )
+        await asyncio.sleep(0.01)
+    server.rest_port = rest.servers[0].sockets[0].getsockname()[1]
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.ready = True
+    if settings.ready_file is not None:
+        _write_ready_file(settings.ready_file, server)
+    log.info(
+        "server.ready rest=%s:%d grpc=%s:%d store=%s models=%d auth=%s tls=%s",
+        settings.rest_host,
+        server.rest_port,
+        settings.grpc_host,
+        grpc_port,
+        settings.store,
+        len(core.list_models()),
+        auth.enabled,
+        bool(settings.tls_cert),
+    )
+    return server
+
+
+def _write_ready_file(path: Path, server: Server) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(
+        json.dumps(
+            {"pid": os.getpid(), "rest_port": server.rest_port, "grpc_port": server.grpc_port}
+        )
+    )
+    os.replace(temporary, path)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    server = await start(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()

@@ -1,0 +1,106 @@
+"""Tensors from and to the wire, for both transports.
+
+The adapters hand over what they received (raw bytes + shape + dtype from gRPC; nested lists
+or flat data + shape from JSON) and get a numpy array or a clear InvalidArgument. Shape, dtype
+and finiteness against the model are checked later, once, by the engine's validators; here
+only the encoding itself is checked (bytes that do not match the shape, ragged lists, too many
+elements).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.errors import InvalidArgument, ResourceExhausted
+
+#: Wire dtype names and the little-endian numpy dtypes they denote.
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+}
+MAX_RANK = 8
+
+
+def check_shape(shape: Any, max_elements: int) -> tuple[int, ...]:
+    """A shape as a tuple of non-negative ints with at most ``max_elements`` elements."""
+    if not isinstance(shape, list | tuple) or len(shape) > MAX_RANK:
+        raise InvalidArgument(f"shape must be a list of at most {MAX_RANK} dimensions")
+    dims = []
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise InvalidArgument(f"shape {list(shape)} has an invalid dimension {dim!r}")
+        dims.append(int(dim))
+    count = math.prod(dims)
+    if count > max_elements:
+        raise ResourceExhausted(
+            f"tensor of shape {dims} has {count:,} elements; the limit is {max_elements:,}"
+        )
+    return tuple(dims)
+
+
+def from_bytes(shape: Any, dtype: str, data: bytes, max_elements: int) -> NDArray[Any]:
+    """A read-only array viewing ``data`` (little-endian, row-major)."""
+    dims = check_shape(shape, max_elements)
+    if dtype not in DTYPES:
+        raise InvalidArgument(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    np_dtype = DTYPES[dtype]
+    expected = math.prod(dims) * np_dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"tensor data has {len(data)} bytes; shape {list(dims)} of {dtype} needs {expected}"
+        )
+    return np.frombuffer(data, dtype=np_dtype).reshape(dims)
+
+
+def to_bytes(array: NDArray[Any]) -> tuple[list[int], str, bytes]:
+    """(shape, dtype name, little-endian bytes) of an array."""
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    name = next((n for n, d in DTYPES.items() if d == little.dtype), None)
+    if name is None:
+        raise InvalidArgument(f"dtype {array.dtype} cannot be sent")
+    return list(array.shape), name, np.ascontiguousarray(little).tobytes()
+
+
+def from_json(
+    value: Any, *, shape: Any = None, dtype: str | None = None, max_elements: int
+) -> NDArray[Any]:
+    """An array from JSON: nested lists, or a flat list with an explicit ``shape``.
+
+    Numbers keep their JSON kind unless ``dtype`` is given: all-integer data becomes int64
+    (class labels), anything with a fraction becomes float64, all-boolean data stays boolean
+    (binary targets), so the engine sees what the client meant; strings, nulls and ragged
+    lists are refused.
+    """
+    if not isinstance(value, list):
+        raise InvalidArgument(
+            "a tensor must be a JSON array (nested lists, or flat data with a shape)"
+        )
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidArgument(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if shape is not None:
+        dims = check_shape(shape, max_elements)
+        if len(value) != math.prod(dims):
+            raise InvalidArgument(
+                f"flat data has {len(value)} values; shape {list(dims)} needs {math.prod(dims)}"
+            )
+    try:
+        array = np.array(value, dtype=DTYPES[dtype] if dtype else None)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"tensor is not a rectangular array of numbers: {exc}") from None
+    if array.dtype.kind not in "biuf":
+        raise InvalidArgument("tensor values must be numbers (no strings, nulls or objects)")
+    if array.size > max_elements:
+        raise ResourceExhausted(
+            f"tensor has {array.size:,} elements; the limit is {max_elements:,}"
+        )
+    if shape is not None:
+        array = array.reshape(dims)
+    if array.dtype.kind in "iu" and array.dtype != np.int64:
+        array = array.astype(np.int64)
+    return array
