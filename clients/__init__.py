@@ -1,1 +1,59 @@
-"""Python clients for propserve (gRPC and REST): they speak only the wire."""
+"""Python clients for propserve, over gRPC and REST, with the same methods and return types.
+
+    from clients import GrpcClient, RestClient
+
+    with GrpcClient("127.0.0.1:50051") as client:
+        client.create_model("digits", spec)
+        client.train("digits", batches, progress=True)   # streamed over one call
+        client.save_version("digits")
+    with RestClient("http://127.0.0.1:8000") as client:
+        probabilities = client.predict("digits", x).outputs
+
+Errors are this package's own (:mod:`clients.errors`), never transport exceptions. The
+package speaks only the wire: it imports nothing from the server or the engine.
+"""
+
+from clients._progress import Progress
+from clients._retry import RetryPolicy
+from clients.errors import (
+    AlreadyExists,
+    ClientError,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from clients.grpc_client import AsyncGrpcClient, GrpcClient
+from clients.rest_client import AsyncRestClient, RestClient
+from clients.types import Model, Prediction, StepResult, Version
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncGrpcClient",
+    "AsyncRestClient",
+    "ClientError",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "GrpcClient",
+    "Internal",
+    "InvalidArgument",
+    "Model",
+    "NotFound",
+    "PermissionDenied",
+    "Prediction",
+    "Progress",
+    "ResourceExhausted",
+    "RestClient",
+    "RetryPolicy",
+    "StepResult",
+    "Unauthenticated",
+    "Unavailable",
+    "Version",
+]

@@ -126,6 +126,7 @@ class PredictBody(BaseModel):
 class PredictOut(BaseModel):
     model: str
     outputs: list[list[float]]
+    dtype: str = Field(description="The outputs' dtype (the model's): float32 or float64.")
     version: int | None = Field(description="The version that answered (null: the head).")
     step: int
 
@@ -425,6 +426,7 @@ def create_app(
             {
                 "model": name,
                 "outputs": result.outputs,
+                "dtype": str(result.outputs.dtype),
                 "version": result.version,
                 "step": result.step,
             }
