@@ -23,8 +23,7 @@ class RetryPolicy:
     max_delay: float = 2.0
 
     def delay(self, attempt: int) -> float:
-        jitter: float = random.uniform(0.5, 1.5)
-        return min(self.max_delay, self.base_delay * 2**attempt) * jitter
+        return float(min(self.max_delay, self.base_delay * 2**attempt)) * random.uniform(0.5, 1.5)
 
     def call(self, fn: Callable[[], T]) -> T:
         for attempt in range(self.attempts):

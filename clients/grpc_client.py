@@ -38,7 +38,7 @@ _CODES = {
     grpc.StatusCode.DATA_LOSS: "data_loss",
     grpc.StatusCode.INTERNAL: "internal",
 }
-_DTYPES = {
+_DTYPES: dict[np.dtype[Any], pb.DType] = {
     np.dtype("<f4"): pb.DTYPE_FLOAT32,
     np.dtype("<f8"): pb.DTYPE_FLOAT64,
     np.dtype("<i4"): pb.DTYPE_INT32,
