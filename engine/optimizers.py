@@ -31,6 +31,8 @@ class Optimizer:
     """Common slot bookkeeping: named flat slots, their spares, and the step count."""
 
     slot_names: tuple[str, ...] = ()
+    #: True when the update is theta - lr * grad with no state: the network then fuses it.
+    plain_sgd = False
 
     def __init__(self, spec: OptimizerSpec, size: int, dtype: np.dtype[np.floating]) -> None:
         self.spec = spec
@@ -84,6 +86,7 @@ class SGD(Optimizer):
         if spec.momentum:
             self.slot_names = ("momentum_buffer",)
         super().__init__(spec, size, dtype)
+        self.plain_sgd = not spec.momentum and not spec.weight_decay
 
     def propose(self, theta: Array, grad: Array, lr: float, out: Array) -> None:
         spec = self.spec
