@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 import engine
+from clients.cli import add_client_commands
 from service import errors
 
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"propserve {engine.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)
+    add_client_commands(sub)
     args = parser.parse_args(argv)
     handler: Any = args.handler
     return int(handler(args))
