@@ -1,0 +1,142 @@
+"""Server settings: defaults, PROPSERVE_* environment variables, validators, and the
+loopback detection that decides whether the server may run without tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from service.auth import Authenticator
+from service.config import Settings, is_loopback
+from service.errors import FailedPrecondition
+from service.server import _check_exposure
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read the environment: start every test without PROPSERVE_* variables."""
+    import os  # noqa: PLC0415 - only here
+
+    for key in list(os.environ):
+        if key.startswith("PROPSERVE_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_are_safe() -> None:
+    settings = Settings()
+    assert settings.store == Path("models")
+    assert (settings.rest_host, settings.rest_port) == ("127.0.0.1", 8000)
+    assert (settings.grpc_host, settings.grpc_port) == ("127.0.0.1", 50051)
+    assert settings.tokens is None
+    assert settings.tokens_file is None
+    assert settings.insecure is False
+    assert settings.tls_cert is None
+    assert settings.loopback_only
+
+
+def test_every_field_is_documented() -> None:
+    undocumented = [n for n, f in Settings.model_fields.items() if not f.description]
+    assert undocumented == []
+
+
+def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PROPSERVE_STORE", str(tmp_path / "s"))
+    monkeypatch.setenv("PROPSERVE_REST_PORT", "0")
+    monkeypatch.setenv("PROPSERVE_GRPC_HOST", "::1")
+    monkeypatch.setenv("PROPSERVE_MAX_ROWS", "12")
+    monkeypatch.setenv("PROPSERVE_INSECURE", "true")
+    monkeypatch.setenv("PROPSERVE_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("PROPSERVE_TOKENS", "secret-token-0123456789=admin")
+    settings = Settings()
+    assert settings.store == tmp_path / "s"
+    assert settings.rest_port == 0
+    assert settings.grpc_host == "::1"
+    assert settings.max_rows == 12
+    assert settings.insecure is True
+    assert settings.log_level == "debug"
+    assert settings.tokens is not None
+    assert settings.tokens.get_secret_value() == "secret-token-0123456789=admin"
+    assert "secret-token" not in repr(settings)
+
+
+def test_arguments_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROPSERVE_MAX_PARAMS", "100")
+    assert Settings().max_params == 100
+    assert Settings(max_params=200).max_params == 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("rest_port", -1),
+        ("grpc_port", 65536),
+        ("max_message_bytes", 1023),
+        ("max_rows", 0),
+        ("max_params", 0),
+        ("default_retain", 0),
+        ("default_autosave_every", -1),
+        ("version_cache", -1),
+        ("grace_seconds", -0.5),
+        ("blas_threads", 0),
+        ("log_level", "verbose"),
+        ("no_such_setting", 1),
+    ],
+)
+def test_validators(field: str, value: Any) -> None:
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: value})
+
+
+def test_bad_environment_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROPSERVE_MAX_ROWS", "many")
+    with pytest.raises(ValidationError, match="max_rows"):
+        Settings()
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(tls_cert=tmp_path / "cert.pem")
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(tls_key=tmp_path / "key.pem")
+    both = Settings(tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem")
+    assert both.tls_key == tmp_path / "key.pem"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("[::]", False),
+        ("192.168.1.10", False),
+        ("10.0.0.1", False),
+        ("example.com", False),
+        ("localhost.example.com", False),
+        ("", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_loopback_only_needs_both_transports_on_loopback() -> None:
+    assert Settings(rest_host="::1", grpc_host="localhost").loopback_only
+    assert not Settings(rest_host="0.0.0.0").loopback_only
+    assert not Settings(grpc_host="0.0.0.0").loopback_only
+
+
+def test_exposure_beyond_loopback_needs_tokens_or_insecure() -> None:
+    wide = Settings(rest_host="0.0.0.0")
+    with pytest.raises(FailedPrecondition, match="beyond loopback"):
+        _check_exposure(wide, Authenticator({}))
+    _check_exposure(wide, Authenticator({"0123456789abcdef": "admin"}))
+    _check_exposure(Settings(rest_host="0.0.0.0", insecure=True), Authenticator({}))
+    _check_exposure(Settings(), Authenticator({}))

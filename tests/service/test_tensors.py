@@ -1,0 +1,185 @@
+"""Tensors from and to the wire: raw little-endian bytes + shape + dtype (gRPC) and JSON
+(REST), with their encoding errors and element limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service import tensors
+from service.errors import InvalidArgument, ResourceExhausted
+
+LIMIT = 1000
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64"])
+def test_bytes_round_trip(dtype: str) -> None:
+    rng = np.random.default_rng(0)
+    array = (rng.standard_normal((3, 4)) * 100).astype(dtype)
+    shape, name, data = tensors.to_bytes(array)
+    assert (shape, name) == ([3, 4], dtype)
+    assert len(data) == array.nbytes
+    back = tensors.from_bytes(shape, name, data, LIMIT)
+    np.testing.assert_array_equal(back, array)
+    assert back.dtype == np.dtype(dtype)
+    assert not back.flags.writeable  # a view of the message's bytes
+
+
+def test_bytes_are_little_endian_row_major() -> None:
+    data = np.array([[1.0, 2.0], [3.0, 4.0]], dtype="<f4").tobytes()
+    assert tensors.from_bytes([2, 2], "float32", data, LIMIT)[1, 0] == 3.0
+    big = np.array([[1.0, 2.0]], dtype=">f8")
+    _, name, raw = tensors.to_bytes(big)
+    assert name == "float64"
+    assert raw == np.array([[1.0, 2.0]], dtype="<f8").tobytes()
+    column_major = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert tensors.to_bytes(column_major)[2] == np.arange(6, dtype="<f4").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "size", "match"),
+    [
+        ([2, 3], "float32", 23, "23 bytes; shape \\[2, 3\\] of float32 needs 24"),
+        ([2, 3], "float32", 25, "needs 24"),
+        ([2, 3], "float64", 24, "needs 48"),
+        ([2, 3], "int32", 0, "needs 24"),
+        ([0, 3], "float32", 4, "needs 0"),
+    ],
+)
+def test_bytes_length_must_match_shape(shape: list[int], dtype: str, size: int, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        tensors.from_bytes(shape, dtype, b"\0" * size, LIMIT)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bool", "uint8", "", "FLOAT32", "complex64"])
+def test_unsupported_dtypes(dtype: str) -> None:
+    with pytest.raises(InvalidArgument, match="unsupported dtype"):
+        tensors.from_bytes([1], dtype, b"\0" * 8, LIMIT)
+    with pytest.raises(InvalidArgument, match="unsupported dtype"):
+        tensors.from_json([1.0], dtype=dtype, max_elements=LIMIT)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.bool_, np.uint8, np.complex64])
+def test_to_bytes_refuses_unsendable_dtypes(dtype: Any) -> None:
+    with pytest.raises(InvalidArgument, match="cannot be sent"):
+        tensors.to_bytes(np.zeros(2, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ("2x3", "list of at most"),
+        ([1] * 9, "list of at most 8"),
+        ([2, -1], "invalid dimension -1"),
+        ([2, 1.5], "invalid dimension 1.5"),
+        ([True, 2], "invalid dimension True"),
+        ([None], "invalid dimension None"),
+    ],
+)
+def test_bad_shapes(shape: Any, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        tensors.check_shape(shape, LIMIT)
+
+
+def test_element_limit_on_shapes() -> None:
+    assert tensors.check_shape([10, 100], LIMIT) == (10, 100)
+    with pytest.raises(ResourceExhausted, match="1,001 elements; the limit is 1,000"):
+        tensors.check_shape([7, 11, 13], LIMIT)
+    # The limit is checked on the shape, before any data is looked at.
+    with pytest.raises(ResourceExhausted):
+        tensors.from_bytes([1 << 40, 1 << 20], "float32", b"", LIMIT)
+
+
+# --- JSON -------------------------------------------------------------------------------
+
+
+def test_json_nested_lists_keep_their_kind() -> None:
+    floats = tensors.from_json([[1.5, 2.0], [3.0, 4.0]], max_elements=LIMIT)
+    assert floats.dtype == np.float64
+    assert floats.shape == (2, 2)
+    ints = tensors.from_json([0, 2, 1], max_elements=LIMIT)
+    assert ints.dtype == np.int64
+    np.testing.assert_array_equal(ints, [0, 2, 1])
+    bools = tensors.from_json([[True], [False]], max_elements=LIMIT)
+    assert bools.dtype == np.bool_
+    mixed = tensors.from_json([[1, 2.5]], max_elements=LIMIT)
+    assert mixed.dtype == np.float64
+
+
+def test_json_explicit_dtype() -> None:
+    as32 = tensors.from_json([[1, 2]], dtype="float32", max_elements=LIMIT)
+    assert as32.dtype == np.float32
+    as_int32 = tensors.from_json([1, 2], dtype="int32", max_elements=LIMIT)
+    assert as_int32.dtype == np.int64  # integers are widened to int64 labels
+
+
+def test_json_flat_data_with_shape() -> None:
+    array = tensors.from_json([1, 2, 3, 4, 5, 6], shape=[2, 3], dtype="float64", max_elements=LIMIT)
+    np.testing.assert_array_equal(array, [[1, 2, 3], [4, 5, 6]])
+    assert array.dtype == np.float64
+    with pytest.raises(InvalidArgument, match="flat data has 5 values; shape \\[2, 3\\] needs 6"):
+        tensors.from_json([1, 2, 3, 4, 5], shape=[2, 3], max_elements=LIMIT)
+    with pytest.raises(InvalidArgument, match="invalid dimension"):
+        tensors.from_json([1, 2], shape=[2, -1], max_elements=LIMIT)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [[1.0, 2.0], [3.0]],
+        [[1.0, 2.0], 3.0],
+        [[[1.0]], [2.0]],
+    ],
+)
+def test_json_ragged_lists_are_refused(value: Any) -> None:
+    with pytest.raises(InvalidArgument, match="rectangular"):
+        tensors.from_json(value, max_elements=LIMIT)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [["a", "b"]],
+        [[1.0, None]],
+        [None],
+        [{"x": 1}],
+        [[1.0, "2"]],
+    ],
+)
+def test_json_non_numbers_are_refused(value: Any) -> None:
+    with pytest.raises(InvalidArgument):
+        tensors.from_json(value, max_elements=LIMIT)
+
+
+@pytest.mark.parametrize("value", [1.0, "1,2", None, {"data": [1]}, (1.0, 2.0)])
+def test_json_tensor_must_be_an_array(value: Any) -> None:
+    with pytest.raises(InvalidArgument, match="must be a JSON array"):
+        tensors.from_json(value, max_elements=LIMIT)
+
+
+def test_json_element_limit() -> None:
+    assert tensors.from_json([[0.0] * 10] * 100, max_elements=LIMIT).size == LIMIT
+    with pytest.raises(ResourceExhausted, match="1,001 elements"):
+        tensors.from_json([0.0] * 1001, max_elements=LIMIT)
+    with pytest.raises(ResourceExhausted):
+        tensors.from_json([0.0], shape=[1001], max_elements=LIMIT)
+
+
+def test_json_non_finite_values_are_left_to_the_core() -> None:
+    # Finiteness is judged once, by the engine's validators, on the decoded array.
+    array = tensors.from_json([[float("nan"), float("inf")]], max_elements=LIMIT)
+    assert np.isnan(array[0, 0])
+    assert np.isinf(array[0, 1])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="from_json catches ValueError and TypeError, not the OverflowError numpy raises for "
+    "integers beyond the dtype's range",
+)
+@pytest.mark.parametrize(("value", "dtype"), [(2**40, "int32"), (2**63, "int64"), (1e30, "int32")])
+def test_json_integers_out_of_range_are_invalid(value: float, dtype: str) -> None:
+    with pytest.raises(InvalidArgument):
+        tensors.from_json([1, value], dtype=dtype, max_elements=LIMIT)
