@@ -145,9 +145,9 @@ def _time_interleaved(
     """Median seconds per call of each function, sampled in blocks of alternating rounds.
 
     A warm-up call of each sizes its block: k consecutive calls of about a millisecond or more,
-    so that tiny operations are not dominated by the timer; each block starts with one untimed
-    call. Rounds continue until each function has ``min_rounds`` samples and ``budget_s`` has
-    passed; heavy cases stop after ``min_rounds`` or ``3 * budget_s``, whichever comes later.
+    so that tiny operations are not dominated by the timer. Rounds continue until each
+    function has ``min_rounds`` samples and ``budget_s`` has passed; heavy cases stop after 3
+    rounds once ``3 * budget_s`` has passed.
 
     NOTE: numpy's OpenBLAS and torch's OpenMP each keep their worker threads spinning for a
     while after a call (OpenBLAS for up to ~0.1 s). On a 2-core machine a spinning pool halves
@@ -175,10 +175,10 @@ def _time_interleaved(
             break
         for name in names if rounds % 2 == 0 else names[::-1]:
             fn, k = fns[name], calls[name]
-            fn()
             if pools[name] != pool:
                 pool = pools[name]
                 settled = time.perf_counter()
+                fn()
                 while time.perf_counter() - settled < settle_s:
                     fn()
             t0 = time.perf_counter()
