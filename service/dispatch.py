@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,12 +24,21 @@ T = TypeVar("T")
 INLINE_MACS = 1 << 20
 
 
+def default_threads() -> int:
+    """One worker per core (at least 2, so that a long step never blocks everything else);
+    with one BLAS thread each (see service.server), they fill the cores without
+    oversubscribing them."""
+    return max(2, min(os.cpu_count() or 2, 8))
+
+
 class Dispatcher:
     """Calls into the core from async code: inline when cheap, else in a worker thread."""
 
-    def __init__(self, core: Core, threads: int = 4) -> None:
+    def __init__(self, core: Core, threads: int | None = None) -> None:
         self.core = core
-        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="propserve-worker")
+        self.executor = ThreadPoolExecutor(
+            threads or default_threads(), thread_name_prefix="propserve-worker"
+        )
 
     async def offload(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
