@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
@@ -127,18 +127,23 @@ def _settings_in(settings: pb.ModelSettings) -> dict[str, int]:
     return out
 
 
-def _request_id(context: Context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
-    return uuid.uuid4().hex[:16]
+def _new_request_id() -> str:
+    """16 random hex digits (the same form as ``uuid4().hex[:16]``, at a tenth of the cost)."""
+    return os.urandom(8).hex()
 
 
-def _authorization(context: Context) -> str | None:
+def _call_metadata(context: Context) -> tuple[str, str | None]:
+    """The request id (the client's ``x-request-id`` or a new one) and the ``authorization``
+    value, in one pass over the metadata."""
+    rid = None
+    authorization = None
     for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            return value
-    return None
+        if key == "x-request-id":
+            if rid is None and isinstance(value, str) and 0 < len(value) <= 128:
+                rid = value
+        elif key == "authorization" and authorization is None and isinstance(value, str):
+            authorization = value
+    return rid or _new_request_id(), authorization
 
 
 class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
@@ -188,10 +193,10 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
                 self: ModelServiceAdapter, request: Request, context: Context
             ) -> Response:
                 start = time.perf_counter()
-                rid = _request_id(context)
+                rid, authorization = _call_metadata(context)
                 code = "OK"
                 try:
-                    self.auth.authorize(_authorization(context), method)
+                    self.auth.authorize(authorization, method)
                     return await fn(self, request, context)
                 except Exception as exc:
                     code = _status(exc).name
@@ -292,12 +297,12 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
     ) -> AsyncIterator[pb.TrainStepResponse]:
         """One response per batch; a failing batch ends the stream with its index named."""
         start = time.perf_counter()
-        rid = _request_id(context)
+        rid, authorization = _call_metadata(context)
         code = "OK"
         index = 0
         name = ""
         try:
-            self.auth.authorize(_authorization(context), "Train")
+            self.auth.authorize(authorization, "Train")
             async for request in request_iterator:
                 if request.model and name and request.model != name:
                     raise errors.InvalidArgument(
