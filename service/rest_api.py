@@ -7,8 +7,9 @@ Errors map through ``HTTP_STATUS`` (one table) to ``{"error": {"code", "message"
 """
 
 import logging
+import os
+import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -216,8 +217,12 @@ def tensor_json(value: Any, what: str, max_elements: int, dtype: str | None = No
 
 
 async def json_body(request: Request) -> dict[str, Any]:
+    return json_object(await request.body())
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = orjson.loads(await request.body())
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise errors.InvalidArgument(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -288,13 +293,32 @@ CallerRollback = Annotated[Principal | None, Depends(_require("Rollback"))]
 # -- middleware --------------------------------------------------------------------------
 
 
-class RequestContext:
-    """Pure ASGI middleware: request ids, body-size limit, latency and code metrics."""
+_PREDICT_PATH = re.compile(r"/v1/models/([^/]+)/predict")
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int) -> None:
+
+class RequestContext:
+    """Pure ASGI middleware: request ids, body-size limit, latency and code metrics.
+
+    ``POST /v1/models/{name}/predict``, the hot path, is answered here without FastAPI's
+    routing and dependency resolution (measured: ~150 us of ~250 us per single-row call),
+    with the same authorisation, handler (``predict``), error mapping and logs as the route,
+    which stays for every other case and for the OpenAPI document.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body: int,
+        *,
+        auth: Authenticator | None = None,
+        predict: Callable[[str, bytes], Awaitable[Response]] | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
+        self.auth = auth
+        self.predict = predict
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -303,7 +327,7 @@ class RequestContext:
         start = time.perf_counter()
         rid = (
             next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
-            or uuid.uuid4().hex[:16]
+            or os.urandom(8).hex()
         )
         scope.setdefault("state", {})["request_id"] = rid
         status = 500
@@ -342,9 +366,59 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, send_with_id)
+            fast = (
+                self.predict is not None
+                and scope["method"] == "POST"
+                and not scope.get("root_path")
+                and _PREDICT_PATH.fullmatch(scope["path"])
+            )
+            if fast:
+                await self._predict(fast.group(1), rid, scope, limited_receive, send_with_id)
+            else:
+                await self.app(scope, limited_receive, send_with_id)
         finally:
             self._observe(scope, status, start)
+
+    async def _predict(
+        self, name: str, rid: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """The predict route's work and error mapping (see ``create_app``'s exception
+        handlers), without the framework around it."""
+        assert self.predict is not None and self.auth is not None
+        scope["state"]["operation"] = "Predict"
+        try:
+            authorization = next(
+                (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"),
+                None,
+            )
+            self.auth.authorize(authorization, "Predict")
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            response = await self.predict(name, b"".join(chunks))
+        except errors.PropserveError as exc:
+            log.info(
+                "request.failed transport=rest path=%s code=%s request_id=%s message=%r",
+                scope["path"],
+                exc.code,
+                rid,
+                exc.message,
+            )
+            response = error_response(exc.code, exc.message, HTTP_STATUS.get(type(exc), 500))
+        except Exception as exc:
+            log.error(
+                "request.internal_error transport=rest path=%s request_id=%s",
+                scope["path"],
+                rid,
+                exc_info=exc,
+            )
+            response = error_response("internal", f"internal error (request id {rid})", 500)
+        await response(scope, receive, send)
 
     def _observe(self, scope: Scope, status: int, start: float) -> None:
         operation = scope.get("state", {}).get("operation") or "other"
@@ -365,6 +439,29 @@ def create_app(
 ) -> ASGIApp:
     """The REST API, wrapped in its request-context middleware."""
     core: Core = dispatcher.core
+
+    async def predict_raw(name: str, raw: bytes) -> Response:
+        """Predict from a raw JSON body: the route below and the middleware's fast path."""
+        body = json_object(raw)
+        _only(body, {"inputs", "version", "label"})
+        if "inputs" not in body:
+            raise errors.InvalidArgument("predict needs 'inputs'")
+        label = body.get("label")
+        if label is not None and not isinstance(label, str):
+            raise errors.InvalidArgument("label must be a string")
+        inputs = tensor_json(body["inputs"], "inputs", max_elements, "float64")
+        result = await dispatcher.predict(
+            name, inputs, version=_optional_int(body, "version"), label=label
+        )
+        return orjson_response(
+            {
+                "model": name,
+                "outputs": result.outputs,
+                "dtype": str(result.outputs.dtype),
+                "version": result.version,
+                "step": result.step,
+            }
+        )
 
     errors_doc: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 503)
@@ -411,26 +508,7 @@ def create_app(
         },
     )
     async def predict(name: str, request: Request, _: CallerPredict) -> Response:
-        body = await json_body(request)
-        _only(body, {"inputs", "version", "label"})
-        if "inputs" not in body:
-            raise errors.InvalidArgument("predict needs 'inputs'")
-        label = body.get("label")
-        if label is not None and not isinstance(label, str):
-            raise errors.InvalidArgument("label must be a string")
-        inputs = tensor_json(body["inputs"], "inputs", max_elements, "float64")
-        result = await dispatcher.predict(
-            name, inputs, version=_optional_int(body, "version"), label=label
-        )
-        return orjson_response(
-            {
-                "model": name,
-                "outputs": result.outputs,
-                "dtype": str(result.outputs.dtype),
-                "version": result.version,
-                "step": result.step,
-            }
-        )
+        return await predict_raw(name, await request.body())
 
     @v1.post(
         "/models/{name}/train_step",
@@ -558,7 +636,7 @@ def create_app(
         return error_response("internal", f"internal error (request id {rid})", 500)
 
     _declare_schemas(app, PredictBody, TrainStepBody)
-    return RequestContext(app, metrics, max_body)
+    return RequestContext(app, metrics, max_body, auth=auth, predict=predict_raw)
 
 
 def _declare_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
