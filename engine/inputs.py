@@ -27,7 +27,9 @@ def _require_finite(x: NDArray[Any], what: str) -> None:
     # NOTE: a NaN or Inf anywhere makes the sum non-finite, so a finite sum proves every entry
     # finite in one vectorised pass; only a non-finite sum (which finite entries can also give,
     # by overflow) needs the elementwise check.
-    if math.isfinite(float(np.add.reduce(x, axis=None))):
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(np.add.reduce(x, axis=None))
+    if math.isfinite(total):
         return
     if not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x))[0]
