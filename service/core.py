@@ -126,6 +126,9 @@ class _Model:
         self.latest = parent
         self.last_loss = last_loss
         self.unsaved = 0
+        # True when the head differs from the newest saved version without unsaved steps
+        # (after a rollback to an older version): shutdown saves it so a restart resumes here.
+        self.detached = False
         self.deleted = False
         self.lock = threading.Lock()
 
@@ -181,7 +184,7 @@ class Core:
         self._closing = True
         for model in list(self._models.values()):
             with model.lock:
-                if model.unsaved and not model.deleted:
+                if (model.unsaved or model.detached) and not model.deleted:
                     try:
                         meta = self._save_locked(model)
                         log.info(
@@ -202,9 +205,13 @@ class Core:
         self._check_open()
         check_name(name)
         try:
-            parsed = ModelSpec.from_dict(spec, max_params=self.limits.max_params)
+            # The parameter limit is the server's (ResourceExhausted), not the spec's validity.
+            parsed = ModelSpec.from_dict(spec, max_params=2**63 - 1)
         except SpecError as exc:
             raise _engine_error(exc) from None
+        if parsed.n_params > self.limits.max_params:
+            raise ResourceExhausted(f"the spec's {parsed.n_params:,} parameters exceed the limit "
+                                    f"of {self.limits.max_params:,} per model on this server")
         network = Network(parsed)
         with self._lock:
             record = self.store.create_model(
@@ -262,6 +269,8 @@ class Core:
         self._check_open()
         model = self._model(name)
         self._check_rows(inputs)
+        if version is not None and label is not None:
+            raise InvalidArgument("give a version or a label, not both")
         if label is not None:
             version = self._label_version(model, label)
         if version is None:
@@ -363,6 +372,7 @@ class Core:
             model.network = network
             model.parent = meta.version
             model.unsaved = 0
+            model.detached = meta.version != model.latest
             model.last_loss = meta.metrics.get("loss")
         self.metrics.step.labels(name).set(network.step)
         log.info("model.rolled_back model=%s version=%d step=%d", name, meta.version, meta.step)
@@ -454,6 +464,7 @@ class Core:
         )
         model.parent = model.latest = meta.version
         model.unsaved = 0
+        model.detached = False
         self.metrics.versions.labels(name).set(len(self.store.list_versions(name)))
         log.info(
             "version.saved model=%s version=%d step=%d bytes=%d",

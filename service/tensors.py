@@ -90,11 +90,22 @@ def from_json(
                 f"flat data has {len(value)} values; shape {list(dims)} needs {math.prod(dims)}"
             )
     try:
-        array = np.array(value, dtype=DTYPES[dtype] if dtype else None)
-    except (ValueError, TypeError) as exc:
+        # NOTE: decode by JSON's own kinds first: with a dtype, numpy would parse numeric
+        # strings ("2") as numbers; then cast, refusing values out of the dtype's range.
+        array = np.array(value)
+        if array.dtype.kind not in "biuf":
+            raise InvalidArgument("tensor values must be numbers (no strings, nulls or objects)")
+        if dtype is not None:
+            target = DTYPES[dtype]
+            if target.kind in "iu" and array.dtype.kind == "f":
+                raise InvalidArgument(f"dtype {dtype} needs integers, the data has fractions")
+            if target.kind in "iu" and array.size:
+                info = np.iinfo(target)
+                if array.min() < info.min or array.max() > info.max:
+                    raise InvalidArgument(f"values out of the range of {dtype}")
+            array = array.astype(target)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgument(f"tensor is not a rectangular array of numbers: {exc}") from None
-    if array.dtype.kind not in "biuf":
-        raise InvalidArgument("tensor values must be numbers (no strings, nulls or objects)")
     if array.size > max_elements:
         raise ResourceExhausted(
             f"tensor has {array.size:,} elements; the limit is {max_elements:,}"

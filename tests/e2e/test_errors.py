@@ -583,11 +583,6 @@ def test_rest_body_validation_answers_422(wire: Wire, method: str, path: str, bo
 
 
 @pytest.mark.usefixtures("intact")
-@pytest.mark.xfail(
-    strict=True,
-    reason="rest_api.tensor_json passes dtype float64 for inputs, and numpy then parses "
-    "numeric strings: a JSON string in a tensor is accepted",
-)
 def test_rest_strings_in_tensors_are_refused(wire: Wire) -> None:
     response = wire.http.post("/v1/models/m/predict", json={"inputs": [[1.0, "2", 3.0]]})
     rest_failure(response, 400)
@@ -602,11 +597,6 @@ def test_rest_path_traversal_is_refused(wire: Wire, path: str) -> None:
 
 
 @pytest.mark.usefixtures("intact")
-@pytest.mark.xfail(
-    strict=True,
-    reason="tensors.from_json catches ValueError and TypeError but not the OverflowError "
-    "numpy raises for integers out of the dtype's range; the answer is 500",
-)
 @pytest.mark.parametrize(
     "inputs",
     [
@@ -875,11 +865,6 @@ def test_parameter_limit_refuses_the_model(limited: Wire) -> None:
 
 
 @pytest.mark.usefixtures("small_intact")
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.create_model maps the parameter limit to INVALID_ARGUMENT/400, not "
-    "RESOURCE_EXHAUSTED/413 ('too large' in the error table)",
-)
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
 def test_parameter_limit_is_resource_exhausted(limited: Wire, transport: str) -> None:
     if transport == "grpc":

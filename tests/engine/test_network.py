@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -296,6 +297,7 @@ def test_concurrent_readers_never_see_a_mix_of_two_steps() -> None:
         while not stop.is_set():
             params = net.params
             seen.append((params.step, forward(net.spec, params, probe)))
+            time.sleep(0.0001)
 
     readers = [threading.Thread(target=read) for _ in range(3)]
     for thread in readers:
@@ -305,6 +307,7 @@ def test_concurrent_readers_never_see_a_mix_of_two_steps() -> None:
         for _ in range(300):
             net.train_step(*batch(rng, rows=32))
             published[net.step] = net.params
+            time.sleep(0.0002)  # let readers run between steps, whatever the GIL does
     finally:
         stop.set()
         for thread in readers:

@@ -220,11 +220,6 @@ def test_predict_unknown_version_or_label(core: Core) -> None:
         core.predict("other", PROBE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.predict silently prefers the label when both version and label are given "
-    "(rollback and the store refuse the pair)",
-)
 def test_predict_refuses_both_version_and_label(core: Core) -> None:
     core.create_model("m", SPEC)
     core.save_version("m")
@@ -273,11 +268,6 @@ def test_non_finite_outputs_are_refused(core: Core) -> None:
         core.predict("m", huge)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/inputs.py _require_finite sums the inputs outside np.errstate, so finite "
-    "inputs whose sum overflows raise numpy's overflow RuntimeWarning",
-)
 def test_large_finite_inputs_are_accepted_quietly(core: Core) -> None:
     spec = {**SPEC, "layers": [{"units": 5, "activation": "tanh"}, {"units": 2}]}
     core.create_model("m", spec)
@@ -440,11 +430,6 @@ def test_param_limit_admits_a_model_at_the_limit(store_root: Path) -> None:
         core.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.create_model maps the engine's parameter-limit SpecError to InvalidArgument; "
-    "errors.ResourceExhausted documents 'too large (... parameters ...)'",
-)
 def test_param_limit_is_resource_exhausted(store_root: Path) -> None:
     n_params = ModelSpec.from_dict(SPEC).n_params
     core = Core(ModelStore(store_root), limits=Limits(max_params=n_params - 1))
@@ -653,11 +638,6 @@ def test_close_saves_unsaved_heads_and_a_new_core_resumes(store_root: Path) -> N
         second.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rollback leaves no unsaved steps, so close() saves nothing and a restart "
-    "resumes from the newest version instead of the rolled-back head",
-)
 def test_a_rolled_back_head_survives_a_restart(store_root: Path) -> None:
     first = Core(ModelStore(store_root))
     first.create_model("m", SPEC)

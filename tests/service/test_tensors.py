@@ -174,11 +174,6 @@ def test_json_non_finite_values_are_left_to_the_core() -> None:
     assert np.isinf(array[0, 1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="from_json catches ValueError and TypeError, not the OverflowError numpy raises for "
-    "integers beyond the dtype's range",
-)
 @pytest.mark.parametrize(("value", "dtype"), [(2**40, "int32"), (2**63, "int64"), (1e30, "int32")])
 def test_json_integers_out_of_range_are_invalid(value: float, dtype: str) -> None:
     with pytest.raises(InvalidArgument):
