@@ -6,6 +6,8 @@ mapping happen in one decorator around every method.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -144,6 +146,26 @@ def _call_metadata(context: Context) -> tuple[str, str | None]:
         elif key == "authorization" and authorization is None and isinstance(value, str):
             authorization = value
     return rid or _new_request_id(), authorization
+
+
+async def _prefetching(messages: AsyncIterator[Request]) -> AsyncIterator[Request]:
+    """The messages of a stream, each next one read while the caller works on the current
+    one (receiving a 256 x 784 batch costs about as much as a tenth of its step)."""
+    iterator = messages.__aiter__()
+    pending = asyncio.ensure_future(iterator.__anext__())
+    try:
+        while True:
+            try:
+                message = await pending
+            except StopAsyncIteration:
+                return
+            pending = asyncio.ensure_future(iterator.__anext__())
+            yield message
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
 
 
 class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
@@ -303,7 +325,7 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
         name = ""
         try:
             self.auth.authorize(authorization, "Train")
-            async for request in request_iterator:
+            async for request in _prefetching(request_iterator):
                 if request.model and name and request.model != name:
                     raise errors.InvalidArgument(
                         f"model {request.model!r} differs from the stream's model {name!r}"
