@@ -841,10 +841,12 @@ async def benchmark(
     args: argparse.Namespace, work: Path
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     plan = QUICK if args.quick else FULL
-    if args.blas_threads is not None:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
-        threadpool_limits(args.blas_threads, user_api="blas")
+    from service.server import DEFAULT_BLAS_THREADS  # noqa: PLC0415
+
+    # The in-process engine gets the server's BLAS threads, so the comparison is like for like.
+    threadpool_limits(args.blas_threads or DEFAULT_BLAS_THREADS, user_api="blas")
     wrk = None if args.rest_client == "asyncio" else shutil.which("wrk")
     if args.rest_client == "wrk" and wrk is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -898,7 +900,7 @@ async def benchmark(
     info.update(
         forward_s=forward_s,
         server_pid=server.pid,
-        blas_threads=args.blas_threads,
+        blas_threads=args.blas_threads or DEFAULT_BLAS_THREADS,
         rest_client="wrk (1 row), asyncio keep-alive (256 rows)" if wrk else "asyncio keep-alive",
         quick=args.quick,
     )
