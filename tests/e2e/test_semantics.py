@@ -589,6 +589,12 @@ def _predictor(
                 observed.append((p.step, p.outputs))
             except Unavailable:
                 time.sleep(0.01)
+            except ClientError as exc:
+                if kind != "grpc" or exc.status != "CANCELLED":
+                    raise
+                # A call that reaches the server as the drain begins may be CANCELLED rather
+                # than UNAVAILABLE: see test_calls_arriving_while_draining_are_unavailable.
+                time.sleep(0.01)
             except BaseException as exc:
                 errors.append(RuntimeError(f"{kind} predictor: {exc!r}"))
                 return
@@ -816,3 +822,61 @@ def test_sigkill_keeps_every_saved_version_and_resumes_from_the_latest(tmp_path:
             assert (result.step, result.loss) == (latest.step + 1, resumed.train_step(*nxt).loss)
     finally:
         assert restarted.stop() == 0
+
+
+@pytest.mark.xfail(
+    strict=False,  # a race: the bug shows in most runs, not all, so strict would flake
+    reason="service/server.py:75 calls grpc_server.stop(grace) at once on SIGTERM; a unary "
+    "call that reaches the server just then is answered CANCELLED (details 'CANCELLED'), not "
+    "UNAVAILABLE, so clients do not retry it. Fix: on SIGTERM first make the gRPC adapter "
+    "answer new calls UNAVAILABLE ('shutting down', e.g. a draining flag checked in the rpc "
+    "decorator, service/grpc_api.py) while in-flight calls and streams finish, and call "
+    "grpc_server.stop() only once they have finished or the grace period has passed",
+)
+def test_calls_arriving_while_draining_are_unavailable_never_cancelled(tmp_path: Path) -> None:
+    spec = mlp(16, (32,), 4, seed=97)
+    x = probe(spec)
+    others: list[BaseException] = []
+    for attempt in range(3):  # the window is a few milliseconds wide: a few tries
+        process = start_server(tmp_path / f"store-{attempt}")
+        stop = threading.Event()
+        observed: list[tuple[int, Array]] = []
+
+        def hammer(
+            process: ServerProcess = process,
+            stop: threading.Event = stop,
+            observed: list[tuple[int, Array]] = observed,
+        ) -> None:
+            with GrpcClient(process.grpc_target, timeout=WAIT, retry=NO_RETRY) as client:
+                for _ in range(100000):
+                    if stop.is_set() or process.process.poll() is not None:
+                        return
+                    try:
+                        p = client.predict("m", x)
+                        observed.append((p.step, p.outputs))
+                    except Unavailable:
+                        time.sleep(0.002)
+                    except ClientError as exc:
+                        others.append(exc)
+                        return
+
+        try:
+            with GrpcClient(process.grpc_target, timeout=WAIT) as client:
+                client.create_model("m", spec)
+            threads = [threading.Thread(target=hammer) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for _ in range(int(WAIT / 0.01)):
+                if len(observed) >= 50:
+                    break
+                time.sleep(0.01)
+            process.process.send_signal(signal.SIGTERM)
+            assert process.process.wait(WAIT) == 0
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(WAIT)
+            process.kill()
+        if others:
+            break
+    assert others == []
