@@ -210,8 +210,10 @@ class Core:
         except SpecError as exc:
             raise _engine_error(exc) from None
         if parsed.n_params > self.limits.max_params:
-            raise ResourceExhausted(f"the spec's {parsed.n_params:,} parameters exceed the limit "
-                                    f"of {self.limits.max_params:,} per model on this server")
+            raise ResourceExhausted(
+                f"the spec's {parsed.n_params:,} parameters exceed the limit "
+                f"of {self.limits.max_params:,} per model on this server"
+            )
         network = Network(parsed)
         with self._lock:
             record = self.store.create_model(

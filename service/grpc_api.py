@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -82,8 +83,6 @@ def tensor_out(array: NDArray[Any]) -> pb.Tensor:
 
 
 def model_out(info: ModelInfo) -> pb.Model:
-    import json  # noqa: PLC0415 - only here
-
     return pb.Model(
         name=info.name,
         spec_json=json.dumps(info.spec),
@@ -179,6 +178,29 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
         self.auth = auth
         self.metrics = metrics
         self.max_elements = max_elements
+        # Draining: new calls are answered UNAVAILABLE while those in flight finish.
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _enter(self) -> None:
+        if self.draining:
+            raise errors.Unavailable("the server is shutting down")
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new calls and wait up to ``timeout`` for those in flight; True if idle."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        return self._idle.is_set()
 
     async def _fail(
         self, context: Context, method: str, rid: str, exc: BaseException
@@ -217,7 +239,10 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
                 start = time.perf_counter()
                 rid, authorization = _call_metadata(context)
                 code = "OK"
+                entered = False
                 try:
+                    self._enter()
+                    entered = True
                     self.auth.authorize(authorization, method)
                     return await fn(self, request, context)
                 except Exception as exc:
@@ -225,6 +250,8 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
                     await self._fail(context, method, rid, exc)
                     raise
                 finally:
+                    if entered:
+                        self._leave()
                     self.metrics.observe(method, "grpc", code, time.perf_counter() - start)
 
             return handler
@@ -235,12 +262,12 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
 
     @rpc("CreateModel")
     async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.Model:
-        import json  # noqa: PLC0415 - only here
-
         try:
             spec = json.loads(request.spec_json)
-        except json.JSONDecodeError as exc:
-            raise errors.InvalidArgument(f"spec_json is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            # NOTE: deeply nested JSON exhausts the parser's recursion, not its grammar.
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise errors.InvalidArgument(f"spec_json is not valid JSON: {reason}") from None
         info = await self.dispatch.offload(
             self.core.create_model, request.name, spec, _settings_in(request.settings)
         )
@@ -323,17 +350,20 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
         code = "OK"
         index = 0
         name = ""
+        entered = False
         try:
+            self._enter()
+            entered = True
             self.auth.authorize(authorization, "Train")
             async for request in _prefetching(request_iterator):
-                if request.model and name and request.model != name:
-                    raise errors.InvalidArgument(
-                        f"model {request.model!r} differs from the stream's model {name!r}"
-                    )
-                name = request.model or name
-                if not name:
-                    raise errors.InvalidArgument("the first message must name the model")
                 try:
+                    if request.model and name and request.model != name:
+                        raise errors.InvalidArgument(
+                            f"model {request.model!r} differs from the stream's model {name!r}"
+                        )
+                    name = request.model or name
+                    if not name:
+                        raise errors.InvalidArgument("the first message must name the model")
                     yield await self._step(name, request)
                 except errors.PropserveError as exc:
                     raise type(exc)(f"batch {index}: {exc.message}") from None
@@ -342,6 +372,8 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
             code = _status(exc).name
             await self._fail(context, "Train", rid, exc)
         finally:
+            if entered:
+                self._leave()
             self.metrics.observe("Train", "grpc", code, time.perf_counter() - start)
             if index:
                 log.debug("train.stream_closed model=%s batches=%d request_id=%s", name, index, rid)

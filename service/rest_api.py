@@ -17,6 +17,7 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors, tensors
@@ -251,6 +252,28 @@ def orjson_response(content: Any, status: int = 200) -> Response:
     )
 
 
+#: Codes for the HTTP errors the framework answers by itself.
+FRAMEWORK_CODES = {404: "not_found", 405: "invalid_argument", 413: "resource_exhausted"}
+
+
+def failure_response(exc: BaseException, path: str, rid: str) -> Response:
+    """The one mapping of an exception to an error response (and its log line): core errors
+    through HTTP_STATUS, anything else as an internal error without internals."""
+    if isinstance(exc, errors.PropserveError):
+        log.info(
+            "request.failed transport=rest path=%s code=%s request_id=%s message=%r",
+            path,
+            exc.code,
+            rid,
+            exc.message,
+        )
+        return error_response(exc.code, exc.message, HTTP_STATUS.get(type(exc), 500))
+    log.error(
+        "request.internal_error transport=rest path=%s request_id=%s", path, rid, exc_info=exc
+    )
+    return error_response("internal", f"internal error (request id {rid})", 500)
+
+
 def error_response(code: str, message: str, status: int, rid: str | None = None) -> Response:
     headers = {"x-request-id": rid} if rid else None
     return Response(
@@ -401,23 +424,8 @@ class RequestContext:
                 if not message.get("more_body", False):
                     break
             response = await self.predict(name, b"".join(chunks))
-        except errors.PropserveError as exc:
-            log.info(
-                "request.failed transport=rest path=%s code=%s request_id=%s message=%r",
-                scope["path"],
-                exc.code,
-                rid,
-                exc.message,
-            )
-            response = error_response(exc.code, exc.message, HTTP_STATUS.get(type(exc), 500))
         except Exception as exc:
-            log.error(
-                "request.internal_error transport=rest path=%s request_id=%s",
-                scope["path"],
-                rid,
-                exc_info=exc,
-            )
-            response = error_response("internal", f"internal error (request id {rid})", 500)
+            response = failure_response(exc, scope["path"], rid)
         await response(scope, receive, send)
 
     def _observe(self, scope: Scope, status: int, start: float) -> None:
@@ -600,21 +608,23 @@ def create_app(
     app.include_router(v1)
     app.include_router(ops)
 
+    def request_id(request: Request) -> str:
+        return str(request.scope.get("state", {}).get("request_id", "-"))
+
     @app.exception_handler(errors.PropserveError)
     async def core_error(request: Request, exc: errors.PropserveError) -> Response:
-        status = HTTP_STATUS.get(type(exc), 500)
-        rid = request.scope.get("state", {}).get("request_id")
-        log.info(
-            "request.failed transport=rest path=%s code=%s request_id=%s message=%r",
-            request.url.path,
-            exc.code,
-            rid,
-            exc.message,
-        )
-        return error_response(exc.code, exc.message, status)
+        return failure_response(exc, request.url.path, request_id(request))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        # NOTE: FastAPI validates a declared body before the route's dependencies run; a
+        # caller without the right token must hear that first, not what was wrong with the body.
+        operation = getattr(request.scope.get("route"), "operation_id", None)
+        if operation is not None:
+            try:
+                auth.authorize(request.headers.get("authorization"), operation)
+            except errors.PropserveError as denied:
+                return failure_response(denied, request.url.path, request_id(request))
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
             return error_response("invalid_argument", "the body is not valid JSON", 400)
@@ -624,16 +634,18 @@ def create_app(
         )
         return error_response("invalid_argument", message, 422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def framework_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Errors the framework raises itself (unknown path, wrong method, a body that could
+        not be read) in the same envelope; one caused by a core error maps as that error."""
+        if isinstance(exc.__cause__, errors.PropserveError):
+            return failure_response(exc.__cause__, request.url.path, request_id(request))
+        code = FRAMEWORK_CODES.get(exc.status_code, "invalid_argument")
+        return error_response(code, str(exc.detail), exc.status_code)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        rid = request.scope.get("state", {}).get("request_id", "-")
-        log.error(
-            "request.internal_error transport=rest path=%s request_id=%s",
-            request.url.path,
-            rid,
-            exc_info=exc,
-        )
-        return error_response("internal", f"internal error (request id {rid})", 500)
+        return failure_response(exc, request.url.path, request_id(request))
 
     _declare_schemas(app, PredictBody, TrainStepBody)
     return RequestContext(app, metrics, max_body, auth=auth, predict=predict_raw)

@@ -63,6 +63,7 @@ class Server:
     grpc_port: int = 0
     ready: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    adapter: ModelServiceAdapter | None = None
 
     async def stop(self) -> None:
         """Drain and stop (idempotent)."""
@@ -71,8 +72,13 @@ class Server:
         log.info("server.draining grace_seconds=%s", self.settings.grace_seconds)
         self.ready = False
         await self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
         grace = self.settings.grace_seconds
-        grpc_stop = asyncio.create_task(self.grpc_server.stop(grace))
+        deadline = loop.time() + grace
+        # gRPC: new calls are answered UNAVAILABLE (clients retry elsewhere) while calls and
+        # streams in flight finish; only then does the server stop, cancelling what is left.
+        assert self.adapter is not None
+        drained = asyncio.create_task(self.adapter.drain(grace))
         self.rest.should_exit = True
         if self.rest_task is not None:
             try:
@@ -80,7 +86,9 @@ class Server:
             except TimeoutError:
                 self.rest.force_exit = True
                 await self.rest_task
-        await grpc_stop
+        if not await drained:
+            log.warning("server.grace_expired transport=grpc")
+        await self.grpc_server.stop(max(0.0, deadline - loop.time()))
         self.core.begin_shutdown()
         await asyncio.get_running_loop().run_in_executor(None, self.core.close)
         self.dispatcher.close()
@@ -173,7 +181,9 @@ async def start(settings: Settings) -> Server:
         ssl_version=ssl.PROTOCOL_TLS_SERVER,
     )
     rest = _RestServer(config)
-    server = Server(settings, core, dispatcher, grpc_server, health, rest, grpc_port=grpc_port)
+    server = Server(
+        settings, core, dispatcher, grpc_server, health, rest, grpc_port=grpc_port, adapter=adapter
+    )
     server_ref.append(server)
     await grpc_server.start()
     server.rest_task = asyncio.create_task(rest.serve())

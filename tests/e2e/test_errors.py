@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import queue
 import re
@@ -446,29 +447,10 @@ def test_grpc_malformed_spec_json(wire: Wire, spec_json: str) -> None:
 
 
 @pytest.mark.usefixtures("intact")
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpc_api.CreateModel catches only json.JSONDecodeError; a deeply nested spec_json "
-    "raises RecursionError and answers INTERNAL",
-)
 def test_grpc_deeply_nested_spec_json_is_invalid(wire: Wire) -> None:
     request = pb.CreateModelRequest(name="new", spec_json="[" * 100_000)
     failure = grpc_failure(lambda: wire.stub.CreateModel(request, timeout=TIMEOUT))
     assert failure.code == "INVALID_ARGUMENT"
-
-
-@pytest.mark.usefixtures("intact")
-def test_grpc_internal_errors_hide_internals(wire: Wire) -> None:
-    """An unexpected exception answers INTERNAL with a request id and nothing else. The
-    trigger is a bug (see the xfail above); once it is fixed this test needs another."""
-    request = pb.CreateModelRequest(name="new", spec_json="[" * 100_000)
-    failure = grpc_failure(lambda: wire.stub.CreateModel(request, timeout=TIMEOUT))
-    if failure.code != "INTERNAL":
-        pytest.skip("no natural trigger of an internal error left")
-    assert INTERNAL_MESSAGE.fullmatch(failure.message), failure.message
-    log = wire.server.log()
-    assert "request.internal_error" in log
-    assert "RecursionError" in log  # logged with its traceback
 
 
 # --- what only REST can send ------------------------------------------------------------
@@ -611,24 +593,6 @@ def test_rest_integers_out_of_range_are_invalid(server: ServerProcess, inputs: A
     assert response.status_code == 400, response.text
 
 
-@pytest.mark.usefixtures("intact")
-def test_rest_internal_errors_hide_internals(server: ServerProcess) -> None:
-    """The trigger is a bug (see the xfail above); once it is fixed this test needs another."""
-    body = {"inputs": {"data": [1, 2, 2**40], "shape": [1, 3], "dtype": "int32"}}
-    with httpx.Client(base_url=server.rest_url, timeout=TIMEOUT) as http:
-        response = http.post("/v1/models/m/predict", json=body)
-    if response.status_code != 500:
-        pytest.skip("no natural trigger of an internal error left")
-    failure = rest_failure(response, 500)
-    assert failure.code == "INTERNAL"
-    assert INTERNAL_MESSAGE.fullmatch(failure.message), failure.message
-    rid = failure.message.split()[-1].rstrip(")")
-    assert response.headers["x-request-id"] == rid
-    log = server.log()
-    assert "request.internal_error" in log
-    assert "OverflowError" in log  # logged with its traceback
-
-
 # --- Train streams ----------------------------------------------------------------------
 
 
@@ -718,11 +682,6 @@ def test_a_stream_may_not_switch_models(wire: Wire) -> None:
     assert (wire.head_step("switch-a"), wire.head_step("switch-b")) == (1, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpc_api.Train checks the model name before its per-batch try, so this refusal "
-    "does not name the batch index",
-)
 def test_a_stream_switching_models_names_the_batch(wire: Wire) -> None:
     wire.create("switch-c", MSE_SPEC)
     _, failure = stream(wire, [step_request("switch-c", 1), step_request("m", 2)])
@@ -792,11 +751,6 @@ def test_rest_oversized_body(limited: Wire, path: str, chunked: bool) -> None:
 
 
 @pytest.mark.usefixtures("small_intact")
-@pytest.mark.xfail(
-    strict=True,
-    reason="rest_api.RequestContext raises ResourceExhausted from receive(); FastAPI's body "
-    "parsing for declared bodies turns it into a 400 {'detail': ...} outside the envelope",
-)
 def test_rest_oversized_chunked_create_body(limited: Wire) -> None:
     body = json.dumps({"name": "huge", "spec": {**SMALL_SPEC, "pad": "x" * 5000}}).encode()
     chunks = (body[i : i + 1000] for i in range(0, len(body), 1000))
@@ -1027,11 +981,6 @@ def test_credentials_are_checked_before_the_request(secured: Wire) -> None:
 
 
 @pytest.mark.usefixtures("secured_intact")
-@pytest.mark.xfail(
-    strict=True,
-    reason="FastAPI parses declared bodies before the authorising dependency runs, so a "
-    "malformed body without a token answers 400 instead of 401",
-)
 def test_malformed_create_body_without_a_token_is_unauthenticated(secured: Wire) -> None:
     response = secured.http.post(
         "/v1/models", content=b"{", headers={"content-type": "application/json"}
@@ -1111,10 +1060,10 @@ def test_draining_server_answers_unavailable(tmp_path: Path) -> None:
         restarted.stop()
 
 
-def test_a_shutting_down_core_answers_unavailable_on_both_transports(tmp_path: Path) -> None:
-    """The core's Unavailable through each adapter's table, in process: on a real server the
-    listeners close before the core refuses anything, so this row cannot be reached there
-    without a race."""
+def in_process_failures(tmp_path: Path, prepare: Any) -> tuple[Failure, Failure, str]:
+    """Predict once over REST (ASGI, in process) and once over gRPC (a grpc.aio server on
+    loopback) against a core that ``prepare(core)`` has set up to fail; returns both
+    failures and the captured log."""
     from service.auth import Authenticator  # noqa: PLC0415 - only here
     from service.core import Core  # noqa: PLC0415
     from service.dispatch import Dispatcher  # noqa: PLC0415
@@ -1124,9 +1073,17 @@ def test_a_shutting_down_core_answers_unavailable_on_both_transports(tmp_path: P
 
     core = Core(ModelStore(tmp_path / "store"))
     dispatcher = Dispatcher(core)
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Capture()
+    logging.getLogger("propserve").addHandler(handler)
     try:
         core.create_model("m", MSE_SPEC)
-        core.begin_shutdown()
+        prepare(core)
         auth = Authenticator({})
         app = create_app(
             dispatcher,
@@ -1137,17 +1094,18 @@ def test_a_shutting_down_core_answers_unavailable_on_both_transports(tmp_path: P
             ready=lambda: False,
         )
 
-        async def call_rest() -> None:
+        async def call_rest() -> Failure:
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                body = {"inputs": [[1.0, 2.0, 3.0]]}
-                response = await client.post("/v1/models/m/predict", json=body)
-                failure = rest_failure(response, 503)
-                assert failure == Failure("UNAVAILABLE", "the server is shutting down")
                 assert rest_failure(await client.get("/readyz"), 503).code == "UNAVAILABLE"
                 assert (await client.get("/healthz")).status_code == 200
+                body = {"inputs": [[1.0, 2.0, 3.0]]}
+                response = await client.post("/v1/models/m/predict", json=body)
+                failure = rest_failure(response, response.status_code)
+                assert response.headers["x-request-id"]
+                return failure
 
-        asyncio.run(call_rest())
+        rest = asyncio.run(call_rest())
 
         async def call_grpc() -> Failure:
             adapter = ModelServiceAdapter(dispatcher, auth, core.metrics, 1 << 16)
@@ -1162,11 +1120,44 @@ def test_a_shutting_down_core_answers_unavailable_on_both_transports(tmp_path: P
                         await stub.Predict(request, timeout=TIMEOUT)
                     except grpc.aio.AioRpcError as exc:
                         return Failure(exc.code().name, exc.details() or "")
-                    raise AssertionError("Predict succeeded on a shutting-down core")
+                    raise AssertionError("Predict succeeded on a failing core")
             finally:
                 await server.stop(0)
 
-        assert asyncio.run(call_grpc()) == Failure("UNAVAILABLE", "the server is shutting down")
+        return (
+            rest,
+            asyncio.run(call_grpc()),
+            "\n".join(r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") for r in records),
+        )
     finally:
+        logging.getLogger("propserve").removeHandler(handler)
         dispatcher.close()
         core.close()
+
+
+def test_a_shutting_down_core_answers_unavailable_on_both_transports(tmp_path: Path) -> None:
+    """The core's Unavailable through each adapter's table, in process: on a real server the
+    listeners close before the core refuses anything, so this row cannot be reached there
+    without a race."""
+    rest, grpc_failure_, _ = in_process_failures(tmp_path, lambda core: core.begin_shutdown())
+    assert rest == Failure("UNAVAILABLE", "the server is shutting down")
+    assert grpc_failure_ == Failure("UNAVAILABLE", "the server is shutting down")
+
+
+def test_an_unexpected_exception_is_internal_without_internals(tmp_path: Path) -> None:
+    """A bug (here: the core's predict raising a plain exception) answers INTERNAL / 500 with
+    only a request id, and is logged with its traceback."""
+
+    def break_predict(core: Any) -> None:
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("secret internal detail")
+
+        core.predict = broken
+
+    rest, grpc_failure_, log = in_process_failures(tmp_path, break_predict)
+    for failure in (rest, grpc_failure_):
+        assert failure.code == "INTERNAL"
+        assert INTERNAL_MESSAGE.fullmatch(failure.message), failure.message
+        assert "secret" not in failure.message
+    assert log.count("request.internal_error") == 2
+    assert "secret internal detail" in log

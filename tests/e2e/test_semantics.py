@@ -824,15 +824,6 @@ def test_sigkill_keeps_every_saved_version_and_resumes_from_the_latest(tmp_path:
         assert restarted.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: the bug shows in most runs, not all, so strict would flake
-    reason="service/server.py:75 calls grpc_server.stop(grace) at once on SIGTERM; a unary "
-    "call that reaches the server just then is answered CANCELLED (details 'CANCELLED'), not "
-    "UNAVAILABLE, so clients do not retry it. Fix: on SIGTERM first make the gRPC adapter "
-    "answer new calls UNAVAILABLE ('shutting down', e.g. a draining flag checked in the rpc "
-    "decorator, service/grpc_api.py) while in-flight calls and streams finish, and call "
-    "grpc_server.stop() only once they have finished or the grace period has passed",
-)
 def test_calls_arriving_while_draining_are_unavailable_never_cancelled(tmp_path: Path) -> None:
     spec = mlp(16, (32,), 4, seed=97)
     x = probe(spec)
