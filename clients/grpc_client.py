@@ -34,6 +34,10 @@ _CODES = {
     grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
     grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
+    # NOTE: these clients never cancel a call themselves, so CANCELLED comes from the server
+    # aborting it: a server that stops while the call is queued. Retrying it is safe for
+    # idempotent calls, like UNAVAILABLE.
+    grpc.StatusCode.CANCELLED: "unavailable",
     grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
     grpc.StatusCode.DATA_LOSS: "data_loss",
     grpc.StatusCode.INTERNAL: "internal",

@@ -6,6 +6,7 @@ httpx, with the same methods and return types as the gRPC clients.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ def tensor_json(value: Any) -> Any:
     array = as_array(value)
     if array.dtype.kind not in "biuf":
         raise errors.InvalidArgument(f"cannot send an array of dtype {array.dtype}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # NOTE: JSON has no NaN or Infinity; they would arrive as null and read as garbage.
+        raise errors.InvalidArgument(
+            "the tensor contains a non-finite value (NaN or Inf), "
+            "which JSON cannot carry and the model would refuse"
+        )
     if array.dtype.kind == "b":
         array = array.astype(np.float32)
     dtype = {
@@ -148,7 +155,10 @@ def _client_options(
     headers = {"content-type": "application/json"}
     if token:
         headers["authorization"] = f"Bearer {token}"
-    verify: Any = str(root_certificates) if root_certificates else True
+    # A context that trusts exactly the given roots (httpx no longer takes a file path).
+    verify: Any = (
+        ssl.create_default_context(cafile=str(root_certificates)) if root_certificates else True
+    )
     return {"base_url": url.rstrip("/"), "headers": headers, "timeout": timeout, "verify": verify}
 
 

@@ -279,13 +279,6 @@ def test_tls_grpc(tls: tuple[ServerProcess, Path]) -> None:
         assert http.get(f"{url}/v1/models/tls-grpc").json()["head_step"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DeprecationWarning,
-    reason="clients/rest_client.py:151 passes verify=str(root_certificates) to httpx, which "
-    "httpx 0.28 deprecates (a DeprecationWarning on every RestClient with root_certificates, an "
-    "error under -W error); pass ssl.create_default_context(cafile=...) instead",
-)
 def test_tls_rest(tls: tuple[ServerProcess, Path]) -> None:
     process, cert = tls
     url = f"https://127.0.0.1:{process.rest_port}"
