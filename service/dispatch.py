@@ -36,9 +36,8 @@ class Dispatcher:
 
     def __init__(self, core: Core, threads: int | None = None) -> None:
         self.core = core
-        self.executor = ThreadPoolExecutor(
-            threads or default_threads(), thread_name_prefix="propserve-worker"
-        )
+        self.threads = threads or default_threads()
+        self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="propserve-worker")
 
     async def offload(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
