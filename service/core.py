@@ -289,7 +289,7 @@ class Core:
                 "the model's outputs overflow for these inputs (not "
                 "finite); check the inputs' scale"
             )
-        self.metrics.predictions.labels(name).inc(len(outputs))
+        self.metrics.predicted(name, len(outputs))
         return Prediction(outputs, version, params.step)
 
     def train_step(

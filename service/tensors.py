@@ -103,7 +103,7 @@ def from_json(
                 info = np.iinfo(target)
                 if array.min() < info.min or array.max() > info.max:
                     raise InvalidArgument(f"values out of the range of {dtype}")
-            array = array.astype(target)
+            array = array.astype(target, copy=False)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgument(f"tensor is not a rectangular array of numbers: {exc}") from None
     if array.size > max_elements:
