@@ -42,17 +42,28 @@ def _write_all(fd: int, data: memoryview) -> None:
         done += written
 
 
-def write_new_file(path: Path, data: bytes | memoryview) -> None:
-    """Create `path` (which must not exist), write `data` and fsync it."""
+def write_new_file(path: Path, data: bytes | memoryview, *, sync: bool = True) -> None:
+    """Create `path` (which must not exist), write `data` and (unless `sync` is False, for a
+    caller that calls `fsync_file` later) fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         _write_all(fd, memoryview(data).cast("B"))
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Make the data of file `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_new_file_hashed(path: Path, data: bytes | memoryview) -> str:
+def write_new_file_hashed(path: Path, data: bytes | memoryview, *, sync: bool = True) -> str:
     """`write_new_file`, returning the sha256 hex digest of `data`.
 
     NOTE: sha256 of a large state costs about as much as writing it. hashlib and os.write
@@ -60,7 +71,7 @@ def write_new_file_hashed(path: Path, data: bytes | memoryview) -> str:
     while this one writes: a save then costs max(write, hash), not their sum."""
     view = memoryview(data).cast("B")
     if len(view) < _PARALLEL_HASH_BYTES:
-        write_new_file(path, view)
+        write_new_file(path, view, sync=sync)
         return hashlib.sha256(view).hexdigest()
     digest: list[str] = []
     hasher = threading.Thread(
@@ -70,7 +81,7 @@ def write_new_file_hashed(path: Path, data: bytes | memoryview) -> str:
     )
     hasher.start()
     try:
-        write_new_file(path, view)
+        write_new_file(path, view, sync=sync)
     finally:
         hasher.join()
     if not digest:  # the thread died (MemoryError): never record a digest we did not compute

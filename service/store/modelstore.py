@@ -298,7 +298,10 @@ class ModelStore:
                 )
             stage = durable.new_staging_dir(self._staging, "version")
             try:
-                sha = durable.write_new_file_hashed(stage / WEIGHTS_FILE, state)
+                # NOTE: both files are written before either is fsynced: the first fsync's
+                # journal commit then carries the other file's data and the folder's entries
+                # too (ext4, xfs), so the later fsyncs find little left to do.
+                sha = durable.write_new_file_hashed(stage / WEIGHTS_FILE, state, sync=False)
                 meta_doc = {
                     "format": FORMAT,
                     "model": name,
@@ -312,7 +315,9 @@ class ModelStore:
                     "spec": doc["spec"],
                 }
                 meta_bytes = encode_json(meta_doc, "version metadata", self._max_meta)
-                durable.write_new_file(stage / META_FILE, meta_bytes)
+                durable.write_new_file(stage / META_FILE, meta_bytes, sync=False)
+                durable.fsync_file(stage / WEIGHTS_FILE)
+                durable.fsync_file(stage / META_FILE)
                 durable.fsync_dir(stage)
                 version_dir = self._root / name / VERSIONS_DIR / str(version)
                 os.rename(stage, version_dir)
