@@ -64,7 +64,10 @@ class Settings(BaseSettings):
         10.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
     blas_threads: int | None = Field(
-        None, ge=1, description="BLAS threads for the engine (default: the library's own)."
+        None,
+        ge=1,
+        description="BLAS threads per computation (unset: 1; requests run in parallel on "
+        "one worker thread per core instead).",
     )
     log_level: str = Field("info", description="debug, info, warning or error.")
     ready_file: Path | None = Field(
