@@ -6,6 +6,7 @@ httpx, with the same methods and return types as the gRPC clients.
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
@@ -78,41 +79,21 @@ def dumps(body: Any) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def _fields(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """The members of a JSON object that ``cls`` (a dataclass with the same names) takes."""
+    return {field.name: data[field.name] for field in dataclasses.fields(cls)}
+
+
 def model_from(data: dict[str, Any]) -> Model:
-    return Model(
-        name=data["name"],
-        spec=data["spec"],
-        settings=data["settings"],
-        labels=data["labels"],
-        head_step=data["head_step"],
-        latest_version=data["latest_version"],
-        unsaved_steps=data["unsaved_steps"],
-        parameter_count=data["parameter_count"],
-        last_loss=data["last_loss"],
-    )
+    return Model(**_fields(Model, data))
 
 
 def version_from(data: dict[str, Any]) -> Version:
-    return Version(
-        model=data["model"],
-        version=data["version"],
-        step=data["step"],
-        parent=data["parent"],
-        metrics=data["metrics"],
-        sha256=data["sha256"],
-        size_bytes=data["size_bytes"],
-        labels=tuple(data["labels"]),
-    )
+    return Version(**_fields(Version, data) | {"labels": tuple(data["labels"])})
 
 
 def step_from(data: dict[str, Any]) -> StepResult:
-    return StepResult(
-        step=data["step"],
-        loss=data["loss"],
-        accuracy=data["accuracy"],
-        batch_size=data["batch_size"],
-        saved_version=data["saved_version"],
-    )
+    return StepResult(**_fields(StepResult, data))
 
 
 def prediction_from(data: dict[str, Any]) -> Prediction:
