@@ -102,7 +102,10 @@ def run(work: Path, repeats: int) -> list[dict[str, Any]]:
         )
 
     store = ModelStore(work / "store")
-    store.create_model("bench", {"params": N_PARAMS}, {"retain": 3})
+    # "save" keeps every version (retention removes nothing while it is timed);
+    # "save_with_retention" keeps 3, so each save also removes the oldest version.
+    store.create_model("bench", {"params": N_PARAMS}, {"retain": 1_000_000})
+    store.create_model("bench-retained", {"params": N_PARAMS}, {"retain": 3})
     plain = work / "plain"
     plain.mkdir()
     counter = iter(range(10**9))
@@ -123,6 +126,12 @@ def run(work: Path, repeats: int) -> list[dict[str, Any]]:
         repeats,
     )
     add("save", ours, base, "write+fsync", 1.5)
+    ours, base = _median_pair(
+        lambda: store.save_version("bench-retained", state, step=next(step), metrics={}),
+        plain_save,
+        repeats,
+    )
+    add("save_with_retention", ours, base, "write+fsync", None)
 
     version = store.latest_version("bench")
     assert version is not None
