@@ -58,32 +58,13 @@ HTTP_STATUS: dict[type[errors.PropserveError], int] = {
 
 
 def model_out(info: ModelInfo) -> ModelOut:
-    return ModelOut(
-        name=info.name,
-        spec=info.spec,
-        settings=info.settings,
-        labels=info.labels,
-        head_step=info.head_step,
-        latest_version=info.latest_version,
-        unsaved_steps=info.unsaved_steps,
-        parameter_count=info.parameter_count,
-        created_at=info.created_at,
-        last_loss=info.last_loss,
-    )
+    """The wire form of the core's ModelInfo (the same fields)."""
+    return ModelOut.model_validate(info, from_attributes=True)
 
 
 def version_out(info: VersionInfo) -> VersionOut:
-    return VersionOut(
-        model=info.model,
-        version=info.version,
-        step=info.step,
-        created_at=info.created_at,
-        parent=info.parent,
-        metrics=info.metrics,
-        sha256=info.sha256,
-        size_bytes=info.size_bytes,
-        labels=list(info.labels),
-    )
+    """The wire form of the core's VersionInfo (the same fields)."""
+    return VersionOut.model_validate(info, from_attributes=True)
 
 
 def tensor_json(value: Any, what: str, max_elements: int, dtype: str | None = None) -> Any:
