@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,19 +183,18 @@ class ModelSpec:
     seed: int = 0
     grad_clip_norm: float | None = None
     sizes: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    n_params: int = field(init=False, repr=False, compare=False)
+    """Number of trainable scalars: sum of n_in * n_out + n_out over layers."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sizes", (self.input_dim, *(layer.units for layer in self.layers)))
+        sizes = (self.input_dim, *(layer.units for layer in self.layers))
+        object.__setattr__(self, "sizes", sizes)
+        pairs = itertools.pairwise(sizes)
+        object.__setattr__(self, "n_params", sum((n_in + 1) * n_out for n_in, n_out in pairs))
 
     @property
     def n_outputs(self) -> int:
         return self.layers[-1].units
-
-    @property
-    def n_params(self) -> int:
-        """Number of trainable scalars: sum of n_in * n_out + n_out over layers."""
-        pairs = zip(self.sizes, self.sizes[1:], strict=False)
-        return sum((n_in + 1) * n_out for n_in, n_out in pairs)
 
     @property
     def output_activation(self) -> str:
