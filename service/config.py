@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         64 << 20, ge=1024, description="Largest request body (REST) or message (gRPC)."
     )
     max_rows: int = Field(65536, ge=1, description="Most rows in one Predict or TrainStep.")
+    batch_rows: int = Field(
+        256,
+        ge=1,
+        description="Most rows in one batched forward pass: concurrent predictions on one "
+        "model share a pass (1: no batching).",
+    )
     max_params: int = Field(50_000_000, ge=1, description="Most parameters in one model.")
     default_retain: int = Field(10, ge=1, description="Versions kept per model unless set.")
     default_autosave_every: int = Field(

@@ -99,6 +99,27 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class PredictQuery:
+    """One validated prediction request (see :meth:`Core.prepare_predict`): the model, the
+    version asked for (None: the head), the inputs in the model's dtype and, for a version,
+    its weights. Queries with the same ``key`` can share a forward pass."""
+
+    model: _Model
+    version: int | None
+    x: NDArray[Any]
+    weights: tuple[ModelSpec, Params] | None
+    ready: bool = True
+
+    @property
+    def key(self) -> tuple[_Model, int | None]:
+        return (self.model, self.version)
+
+    @property
+    def rows(self) -> int:
+        return len(self.x)
+
+
+@dataclass(frozen=True)
 class StepOutcome:
     step: int
     loss: float
@@ -268,6 +289,27 @@ class Core:
         label: str | None = None,
     ) -> Prediction:
         """Forward pass on the head, on saved ``version``, or on the version ``label`` names."""
+        query = self.prepare_predict(name, inputs, version=version, label=label, load=True)
+        result = self.predict_batch([query])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def prepare_predict(
+        self,
+        name: str,
+        inputs: NDArray[Any],
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        load: bool = False,
+    ) -> PredictQuery:
+        """A validated prediction request, ready for :meth:`predict_batch`.
+
+        Everything that can be wrong with one request is found here, so that a batch of
+        queries fails only for reasons they share. A saved version not in memory is read from
+        disk only when ``load`` is true; otherwise the query comes back with ``ready`` false
+        and must be prepared again with ``load=True`` (off the event loop)."""
         self._check_open()
         model = self._model(name)
         self._check_rows(inputs)
@@ -275,22 +317,58 @@ class Core:
             raise InvalidArgument("give a version or a label, not both")
         if label is not None:
             version = self._label_version(model, label)
-        if version is None:
-            spec, params = model.spec, model.network.params
-        else:
-            spec, params = self._version_params(model, version)
         try:
-            x = check_inputs(spec, inputs)
+            x = check_inputs(model.spec, inputs)
         except InputError as exc:
             raise _engine_error(exc) from None
+        if version is None:
+            return PredictQuery(model, None, x, None)
+        if load:
+            spec, params = self._version_params(model, version)
+        else:
+            with self._lock:
+                cached = self._cache.get((name, version))
+            if cached is None:
+                return PredictQuery(model, version, x, None, ready=False)
+            spec, params = cached
+        return PredictQuery(model, version, x, (spec, params))
+
+    def predict_batch(self, queries: list[PredictQuery]) -> list[Prediction | Exception]:
+        """One forward pass for queries with the same model and source (the head or one
+        version); each gets its own rows back, or its own error. They all see one snapshot
+        of the weights."""
+        first = queries[0]
+        model = first.model
+        if first.weights is None:
+            if not first.ready:
+                raise ValueError("a query for a version not in memory; prepare it with load=True")
+            if model.deleted:
+                gone = NotFound(f"model {model.record.name!r} was deleted")
+                return [gone for _ in queries]
+            spec, params = model.spec, model.network.params
+        else:
+            spec, params = first.weights
+        x = first.x if len(queries) == 1 else np.concatenate([q.x for q in queries])
         outputs = forward(spec, params, x)
-        if not np.isfinite(outputs).all():
-            raise FailedPrecondition(
-                "the model's outputs overflow for these inputs (not "
-                "finite); check the inputs' scale"
-            )
-        self.metrics.predicted(name, len(outputs))
-        return Prediction(outputs, version, params.step)
+        finite = bool(np.isfinite(outputs).all())
+        results: list[Prediction | Exception] = []
+        start = 0
+        for query in queries:
+            rows = outputs[start : start + len(query.x)]
+            start += len(query.x)
+            if finite or np.isfinite(rows).all():
+                results.append(Prediction(rows, query.version, params.step))
+            else:
+                results.append(
+                    FailedPrecondition(
+                        "the model's outputs overflow for these inputs (not "
+                        "finite); check the inputs' scale"
+                    )
+                )
+        answered = sum(len(r.outputs) for r in results if isinstance(r, Prediction))
+        if answered:
+            self.metrics.predicted(model.record.name, answered, len(x))
+        return results
 
     def train_step(
         self,

@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
@@ -28,6 +27,7 @@ from service import errors, tensors
 from service.auth import Authenticator
 from service.core import Core, ModelInfo, VersionInfo
 from service.dispatch import Dispatcher
+from service.logs import new_request_id
 from service.metrics import Metrics
 
 log = logging.getLogger("propserve.grpc")
@@ -128,11 +128,6 @@ def _settings_in(settings: pb.ModelSettings) -> dict[str, int]:
     return out
 
 
-def _new_request_id() -> str:
-    """16 random hex digits (the same form as ``uuid4().hex[:16]``, at a tenth of the cost)."""
-    return os.urandom(8).hex()
-
-
 def _call_metadata(context: Context) -> tuple[str, str | None]:
     """The request id (the client's ``x-request-id`` or a new one) and the ``authorization``
     value, in one pass over the metadata."""
@@ -144,7 +139,7 @@ def _call_metadata(context: Context) -> tuple[str, str | None]:
                 rid = value
         elif key == "authorization" and authorization is None and isinstance(value, str):
             authorization = value
-    return rid or _new_request_id(), authorization
+    return rid or new_request_id(), authorization
 
 
 async def _prefetching(messages: AsyncIterator[Request]) -> AsyncIterator[Request]:

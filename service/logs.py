@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sys
 import time
 
@@ -42,3 +43,9 @@ def configure(level: str = "info") -> None:
     root.setLevel(level.upper())
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def new_request_id() -> str:
+    """16 hex digits. NOTE: ids only need to be unique enough to find a request in the logs;
+    os.urandom would cost a system call per request."""
+    return f"{random.getrandbits(64):016x}"

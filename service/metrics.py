@@ -61,8 +61,15 @@ class Metrics:
         self.last_loss = Gauge(
             "propserve_model_last_loss", "Loss of the last training step.", ["model"], registry=r
         )
+        self.batch_rows = Histogram(
+            "propserve_predict_batch_rows",
+            "Rows per forward pass of batched predictions.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-        self._prediction_children: dict[str, Any] = {}
+        self._prediction_children: dict[str, tuple[Any, Any]] = {}
         self.versions = Gauge(
             "propserve_model_versions", "Saved versions on disk.", ["model"], registry=r
         )
@@ -80,16 +87,22 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def predicted(self, model: str, rows: int) -> None:
-        child = self._prediction_children.get(model)
-        if child is None:
-            child = self._prediction_children[model] = self.predictions.labels(model)
-        child.inc(rows)
+    def predicted(self, model: str, rows: int, batch_rows: int) -> None:
+        """``rows`` answered by one forward pass over ``batch_rows``."""
+        children = self._prediction_children.get(model)
+        if children is None:
+            children = self._prediction_children[model] = (
+                self.predictions.labels(model),
+                self.batch_rows.labels(model),
+            )
+        children[0].inc(rows)
+        children[1].observe(batch_rows)
 
     def forget_model(self, name: str) -> None:
         self._prediction_children.pop(name, None)
         for family in (
             self.predictions,
+            self.batch_rows,
             self.training_samples,
             self.training_steps,
             self.refused_steps,

@@ -8,12 +8,11 @@ Errors map through ``HTTP_STATUS`` (one table) to ``{"error": {"code", "message"
 
 import asyncio
 import logging
-import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -23,8 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors, tensors
 from service.auth import Authenticator, Principal
-from service.core import Core, ModelInfo, VersionInfo
+from service.core import Core, ModelInfo, Prediction, VersionInfo
 from service.dispatch import Dispatcher
+from service.logs import new_request_id
 from service.metrics import Metrics
 from service.rest_schemas import (
     CreateModelBody,
@@ -155,6 +155,96 @@ def error_response(code: str, message: str, status: int, rid: str | None = None)
     )
 
 
+def predict_request(raw: bytes, max_elements: int) -> tuple[Any, int | None, str | None]:
+    """(inputs, version, label) of a predict body."""
+    body = json_object(raw)
+    _only(body, {"inputs", "version", "label"})
+    if "inputs" not in body:
+        raise errors.InvalidArgument("predict needs 'inputs'")
+    label = body.get("label")
+    if label is not None and not isinstance(label, str):
+        raise errors.InvalidArgument("label must be a string")
+    inputs = tensor_json(body["inputs"], "inputs", max_elements, "float64")
+    return inputs, _optional_int(body, "version"), label
+
+
+#: dtype.name costs microseconds per call (numpy builds it); these are the ones answered.
+_DTYPE_NAMES = {np.dtype(name): name for name in ("float32", "float64")}
+
+
+def predict_answer(name: str, result: Prediction) -> bytes:
+    """The JSON of a prediction."""
+    return orjson.dumps(
+        {
+            "model": name,
+            "outputs": result.outputs,
+            "dtype": _DTYPE_NAMES.get(result.outputs.dtype) or str(result.outputs.dtype),
+            "version": result.version,
+            "step": result.step,
+        },
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+
+
+class PredictHotPath:
+    """``POST /v1/models/{name}/predict`` for service.http_fast: the predict route's
+    authorisation, parsing, core call, error mapping, logs and metrics, without the framework
+    around them. The answer goes to ``reply(status, body, request_id)``."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        auth: Authenticator,
+        metrics: Metrics,
+        *,
+        max_body: int,
+        max_elements: int,
+    ) -> None:
+        self.max_body = max_body
+        self.dispatcher = dispatcher
+        self.auth = auth
+        self.metrics = metrics
+        self.max_elements = max_elements
+
+    def handle(
+        self,
+        model: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        reply: Callable[[int, bytes, str], None],
+    ) -> None:
+        start = time.perf_counter()
+        rid = authorization = None
+        for key, value in headers:
+            if key == b"x-request-id" and rid is None:
+                rid = value.decode("latin-1")
+            elif key == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+        rid = rid or new_request_id()
+        path = f"/v1/models/{model}/predict"
+
+        def answer(result: Prediction | Exception) -> None:
+            if isinstance(result, Exception):
+                failed = failure_response(result, path, rid)
+                status, payload = failed.status_code, bytes(failed.body)
+            else:
+                status, payload = 200, predict_answer(model, result)
+            reply(status, payload, rid)
+            self.metrics.observe(
+                "Predict", "rest", _STATUS_TEXT[status], time.perf_counter() - start
+            )
+
+        try:
+            self.auth.authorize(authorization, "Predict")
+            inputs, version, label = predict_request(body, self.max_elements)
+            self.dispatcher.submit_predict(model, inputs, answer, version=version, label=label)
+        except Exception as exc:
+            answer(exc)
+
+
+_STATUS_TEXT = {status: str(status) for status in range(100, 600)}
+
+
 # -- authentication ----------------------------------------------------------------------
 
 
@@ -190,17 +280,9 @@ CallerRollback = Annotated[Principal | None, Depends(_require("Rollback"))]
 #: Bodies over this many bytes go through admission control (see RequestContext).
 LARGE_BODY = 256 << 10
 
-_PREDICT_PATH = re.compile(r"/v1/models/([^/]+)/predict")
-
 
 class RequestContext:
-    """Pure ASGI middleware: request ids, body-size limit, latency and code metrics.
-
-    ``POST /v1/models/{name}/predict``, the hot path, is answered here without FastAPI's
-    routing and dependency resolution (measured: ~150 us of ~250 us per single-row call),
-    with the same authorisation, handler (``predict``), error mapping and logs as the route,
-    which stays for every other case and for the OpenAPI document.
-    """
+    """Pure ASGI middleware: request ids, body-size limit, latency and code metrics."""
 
     def __init__(
         self,
@@ -208,8 +290,6 @@ class RequestContext:
         metrics: Metrics,
         max_body: int,
         *,
-        auth: Authenticator | None = None,
-        predict: Callable[[str, bytes], Awaitable[Response]] | None = None,
         large_body_slots: int = 4,
     ) -> None:
         self.app = app
@@ -221,8 +301,6 @@ class RequestContext:
         # not in Python. Without it, 64 concurrent 256-row JSON predictions held ~600 MiB
         # of parsed bodies queued for 2 workers.
         self._large_body_slots = asyncio.Semaphore(large_body_slots)
-        self.auth = auth
-        self.predict = predict
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -231,7 +309,7 @@ class RequestContext:
         start = time.perf_counter()
         rid = (
             next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
-            or os.urandom(8).hex()
+            or new_request_id()
         )
         scope.setdefault("state", {})["request_id"] = rid
         status = 500
@@ -263,6 +341,7 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                scope["state"]["started"] = True
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", rid.encode("latin-1")),
@@ -275,46 +354,20 @@ class RequestContext:
         try:
             if large:
                 await self._large_body_slots.acquire()
-            fast = (
-                self.predict is not None
-                and scope["method"] == "POST"
-                and not scope.get("root_path")
-                and _PREDICT_PATH.fullmatch(scope["path"])
-            )
-            if fast:
-                await self._predict(fast.group(1), rid, scope, limited_receive, send_with_id)
-            else:
-                await self.app(scope, limited_receive, send_with_id)
+            await self.app(scope, limited_receive, send_with_id)
+        except Exception as exc:
+            # NOTE: Starlette re-raises an unexpected exception after its handler (ours,
+            # ``unexpected``) has answered and logged it, so that servers can log it again;
+            # once is enough. One raised before any answer is answered here.
+            if scope["state"].get("answered"):
+                return
+            if scope["state"].get("started"):
+                raise
+            await failure_response(exc, scope["path"], rid)(scope, receive, send_with_id)
         finally:
             if large:
                 self._large_body_slots.release()
             self._observe(scope, status, start)
-
-    async def _predict(
-        self, name: str, rid: str, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """The predict route's work and error mapping (see ``create_app``'s exception
-        handlers), without the framework around it."""
-        assert self.predict is not None and self.auth is not None
-        scope["state"]["operation"] = "Predict"
-        try:
-            authorization = next(
-                (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"),
-                None,
-            )
-            self.auth.authorize(authorization, "Predict")
-            chunks = []
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            response = await self.predict(name, b"".join(chunks))
-        except Exception as exc:
-            response = failure_response(exc, scope["path"], rid)
-        await response(scope, receive, send)
 
     def _observe(self, scope: Scope, status: int, start: float) -> None:
         operation = scope.get("state", {}).get("operation") or "other"
@@ -337,27 +390,10 @@ def create_app(
     core: Core = dispatcher.core
 
     async def predict_raw(name: str, raw: bytes) -> Response:
-        """Predict from a raw JSON body: the route below and the middleware's fast path."""
-        body = json_object(raw)
-        _only(body, {"inputs", "version", "label"})
-        if "inputs" not in body:
-            raise errors.InvalidArgument("predict needs 'inputs'")
-        label = body.get("label")
-        if label is not None and not isinstance(label, str):
-            raise errors.InvalidArgument("label must be a string")
-        inputs = tensor_json(body["inputs"], "inputs", max_elements, "float64")
-        result = await dispatcher.predict(
-            name, inputs, version=_optional_int(body, "version"), label=label
-        )
-        return orjson_response(
-            {
-                "model": name,
-                "outputs": result.outputs,
-                "dtype": str(result.outputs.dtype),
-                "version": result.version,
-                "step": result.step,
-            }
-        )
+        """Predict from a raw JSON body (the requests the hot path leaves to the route)."""
+        inputs, version, label = predict_request(raw, max_elements)
+        result = await dispatcher.predict(name, inputs, version=version, label=label)
+        return Response(predict_answer(name, result), media_type="application/json")
 
     errors_doc: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 503)
@@ -533,17 +569,11 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
+        request.scope["state"]["answered"] = True
         return failure_response(exc, request.url.path, request_id(request))
 
     _declare_schemas(app, PredictBody, TrainStepBody)
-    return RequestContext(
-        app,
-        metrics,
-        max_body,
-        auth=auth,
-        predict=predict_raw,
-        large_body_slots=2 * dispatcher.threads,
-    )
+    return RequestContext(app, metrics, max_body, large_body_slots=2 * dispatcher.threads)
 
 
 def _declare_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
@@ -566,4 +596,4 @@ def _declare_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-__all__ = ["HTTP_STATUS", "create_app"]
+__all__ = ["HTTP_STATUS", "PredictHotPath", "create_app"]

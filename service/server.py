@@ -29,8 +29,9 @@ from service.config import Settings
 from service.core import Core, Limits
 from service.dispatch import Dispatcher
 from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, build_server
+from service.http_fast import protocol_class
 from service.metrics import Metrics
-from service.rest_api import create_app
+from service.rest_api import PredictHotPath, create_app
 from service.store import ModelStore
 
 log = logging.getLogger("propserve.server")
@@ -145,7 +146,7 @@ async def start(settings: Settings) -> Server:
     except BaseException:
         store.close()
         raise
-    dispatcher = Dispatcher(core)
+    dispatcher = Dispatcher(core, batch_rows=settings.batch_rows)
     adapter = ModelServiceAdapter(dispatcher, auth, metrics, limits.max_elements)
     grpc_server, health = build_server(adapter, max_message_bytes=settings.max_message_bytes)
     grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
@@ -168,8 +169,16 @@ async def start(settings: Settings) -> Server:
         max_elements=limits.max_elements,
         ready=lambda: bool(server_ref) and server_ref[0].ready,
     )
+    hot_path = PredictHotPath(
+        dispatcher,
+        auth,
+        metrics,
+        max_body=settings.max_message_bytes,
+        max_elements=limits.max_elements,
+    )
     config = uvicorn.Config(
         app,
+        http=protocol_class(hot_path),
         host=settings.rest_host,
         port=settings.rest_port,
         log_config=None,

@@ -1145,14 +1145,14 @@ def test_a_shutting_down_core_answers_unavailable_on_both_transports(tmp_path: P
 
 
 def test_an_unexpected_exception_is_internal_without_internals(tmp_path: Path) -> None:
-    """A bug (here: the core's predict raising a plain exception) answers INTERNAL / 500 with
-    only a request id, and is logged with its traceback."""
+    """A bug (here: the core's batched predict raising a plain exception) answers
+    INTERNAL / 500 with only a request id, and is logged with its traceback."""
 
     def break_predict(core: Any) -> None:
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("secret internal detail")
 
-        core.predict = broken
+        core.predict_batch = broken
 
     rest, grpc_failure_, log = in_process_failures(tmp_path, break_predict)
     for failure in (rest, grpc_failure_):

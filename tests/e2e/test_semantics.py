@@ -114,6 +114,11 @@ def assert_same_array(got: Array, want: Array, what: str) -> None:
         pytest.fail(f"{what}: not bit-identical (max |diff| {diff:g})\nours {got}\nref  {want}")
 
 
+def close_to(got: Array, want: Array) -> bool:
+    """Equal to float32 rounding (what batching may change), and no more."""
+    return got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-5, atol=1e-7))
+
+
 def assert_same_network(got: Network, want: Network, what: str) -> None:
     """Same parameters, optimizer slots and step, bit for bit."""
     assert got.step == want.step, f"{what}: step {got.step}, expected {want.step}"
@@ -331,8 +336,10 @@ def test_different_models_train_in_parallel(server: ServerProcess) -> None:
 def test_predictions_never_see_a_mix_of_two_steps(server: ServerProcess) -> None:
     """Torn-read detector: adam moves every parameter of every layer at every step, so the
     probe's outputs for step s are unique to s, and outputs computed from layers of different
-    steps match no step at all. Every prediction taken while training streams must be exactly
-    the engine's outputs for the step it reports."""
+    steps match no step at all. Every prediction taken while training streams must be the
+    engine's outputs for the step it reports: to float32 rounding, because concurrent
+    predictions share batched forward passes, whose matrix products may round differently
+    from a pass over the probe alone; a torn read is off by orders of magnitude more."""
     spec = mlp(16, (64, 64), 4, optimizer={"name": "adam", "lr": 1e-3}, seed=41)
     name = "torn"
     steps = 60
@@ -350,7 +357,8 @@ def test_predictions_never_see_a_mix_of_two_steps(server: ServerProcess) -> None
         a, b = reference[s], reference[s + 1]
         torn = Params(b.flat, (a.weights[0], *b.weights[1:]), (a.biases[0], *b.biases[1:]), s)
         mixed = outputs_at(spec, torn, x)
-        assert not np.array_equal(mixed, expected[s]) and not np.array_equal(mixed, expected[s + 1])
+        assert not close_to(mixed, expected[s]) and not close_to(mixed, expected[s + 1])
+        assert not close_to(expected[s], expected[s + 1])
 
     training_done = threading.Event()
     observed: list[tuple[str, int, Array]] = []
@@ -392,7 +400,10 @@ def test_predictions_never_see_a_mix_of_two_steps(server: ServerProcess) -> None
 
     for kind, step, outputs in observed:
         assert 0 <= step <= steps
-        assert_same_array(outputs, expected[step], f"{kind} prediction reporting step {step}")
+        assert outputs.dtype == expected[step].dtype
+        assert close_to(outputs, expected[step]), (
+            f"{kind} prediction reporting step {step}: {outputs} is not {expected[step]}"
+        )
     seen = {step for _, step, _ in observed}
     assert len(seen) >= 5, f"predictions saw only steps {sorted(seen)}: too little overlap"
     assert {kind for kind, _, _ in observed} == {"grpc", "rest"}

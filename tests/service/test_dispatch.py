@@ -1,0 +1,281 @@
+"""Batched predictions (service.dispatch): who shares a forward pass, what each caller gets
+back, and what happens when one caller's rows or the model go wrong."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine import ModelSpec, forward
+from service import dispatch
+from service.core import Core, Prediction
+from service.dispatch import Dispatcher
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from service.store import ModelStore
+
+SPEC: dict[str, Any] = {
+    "input_dim": 8,
+    "layers": [
+        {"units": 16, "activation": "tanh"},
+        {"units": 3, "activation": "identity"},
+    ],
+    "loss": "mse",
+    "optimizer": {"name": "sgd", "lr": 0.1},
+    "dtype": "float64",
+    "seed": 3,
+}
+
+
+RELU_SPEC: dict[str, Any] = {
+    **SPEC,
+    "layers": [{"units": 16, "activation": "relu"}, {"units": 3, "activation": "identity"}],
+    "dtype": "float32",
+}
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[Core]:
+    core = Core(ModelStore(tmp_path / "store"))
+    core.create_model("m", SPEC)
+    core.create_model("r", RELU_SPEC)
+    yield core
+    core.close()
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray[Any, Any]:
+    return np.random.default_rng(seed).standard_normal((n, 8))
+
+
+def passes(core: Core, model: str = "m") -> tuple[int, float]:
+    """(forward passes, rows computed) from the batch-size histogram."""
+    histogram = core.metrics.batch_rows.labels(model)
+    count = sum(bucket.get() for bucket in histogram._buckets)
+    return int(count), float(histogram._sum.get())
+
+
+def submit_all(dispatcher: Dispatcher, requests: list[dict[str, Any]]) -> list[Any]:
+    """Submit every request in one turn of the loop; gather each answer (or error)."""
+
+    async def run() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for request in requests:
+            future: asyncio.Future[Any] = loop.create_future()
+
+            def done(result: Any, future: asyncio.Future[Any] = future) -> None:
+                future.set_result(result)
+
+            try:
+                dispatcher.submit_predict(done=done, **request)
+            except Exception as exc:
+                future.set_result(exc)
+            futures.append(future)
+        return list(await asyncio.wait_for(asyncio.gather(*futures), 10))
+
+    return asyncio.run(run())
+
+
+def expected(core: Core, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    model = core._model("m")
+    return forward(ModelSpec.from_dict(SPEC), model.network.params, x)
+
+
+def test_predictions_arriving_together_share_one_forward_pass(core: Core) -> None:
+    dispatcher = Dispatcher(core)
+    try:
+        inputs = [rows(n, seed) for seed, n in enumerate((1, 3, 2, 5))]
+        answers = submit_all(dispatcher, [{"name": "m", "inputs": x} for x in inputs])
+    finally:
+        dispatcher.close()
+    assert passes(core) == (1, 11.0)
+    for x, answer in zip(inputs, answers, strict=True):
+        assert isinstance(answer, Prediction)
+        assert answer.outputs.shape == (len(x), 3)
+        assert answer.version is None and answer.step == 0
+        # Each caller gets its own rows: the engine's outputs to rounding (a batched matrix
+        # product may round differently from one over these rows alone).
+        np.testing.assert_allclose(answer.outputs, expected(core, x), rtol=1e-12, atol=1e-15)
+
+
+def test_a_lone_prediction_is_exactly_the_engines_forward(core: Core) -> None:
+    dispatcher = Dispatcher(core)
+    try:
+        x = rows(4)
+        (answer,) = submit_all(dispatcher, [{"name": "m", "inputs": x}])
+        direct = asyncio.run(dispatcher.predict("m", x))
+    finally:
+        dispatcher.close()
+    assert np.array_equal(answer.outputs, expected(core, x))
+    assert np.array_equal(direct.outputs, expected(core, x))
+
+
+def test_batches_hold_at_most_batch_rows_and_a_larger_query_runs_alone(core: Core) -> None:
+    dispatcher = Dispatcher(core, batch_rows=4)
+    try:
+        sizes = (3, 1, 2, 9, 1)
+        answers = submit_all(
+            dispatcher, [{"name": "m", "inputs": rows(n, i)} for i, n in enumerate(sizes)]
+        )
+    finally:
+        dispatcher.close()
+    # [3, 1], [2], [9], [1]: in order, never over 4 rows unless one query alone is larger.
+    assert passes(core) == (4, 16.0)
+    assert [a.outputs.shape[0] for a in answers] == list(sizes)
+
+
+def test_batch_rows_of_one_turns_batching_off(core: Core) -> None:
+    dispatcher = Dispatcher(core, batch_rows=1)
+    try:
+        submit_all(dispatcher, [{"name": "m", "inputs": rows(1, i)} for i in range(5)])
+    finally:
+        dispatcher.close()
+    assert passes(core) == (5, 5.0)
+
+
+def test_one_callers_overflow_fails_only_that_caller(core: Core) -> None:
+    dispatcher = Dispatcher(core)
+    try:
+        huge = np.full((1, 8), 3e38)  # finite float32 inputs whose outputs overflow
+        good = rows(2)
+        answers = submit_all(
+            dispatcher, [{"name": "r", "inputs": good}, {"name": "r", "inputs": huge}]
+        )
+    finally:
+        dispatcher.close()
+    assert passes(core, "r") == (1, 3.0)
+    assert isinstance(answers[0], Prediction)
+    assert np.isfinite(answers[0].outputs).all()
+    alone = asyncio.run(Dispatcher(core).predict("r", good))
+    np.testing.assert_allclose(answers[0].outputs, alone.outputs, rtol=1e-6)
+    assert isinstance(answers[1], FailedPrecondition)
+    assert "not finite" in answers[1].message
+
+
+def test_a_request_wrong_by_itself_is_refused_before_it_is_queued(core: Core) -> None:
+    dispatcher = Dispatcher(core)
+    try:
+        answers = submit_all(
+            dispatcher,
+            [
+                {"name": "m", "inputs": rows(1)},
+                {"name": "m", "inputs": np.ones((1, 5))},
+                {"name": "m", "inputs": np.full((1, 8), np.nan)},
+                {"name": "nope", "inputs": rows(1)},
+                {"name": "m", "inputs": rows(1), "label": "stable"},
+                {"name": "m", "inputs": rows(1, 1)},
+            ],
+        )
+    finally:
+        dispatcher.close()
+    assert isinstance(answers[1], InvalidArgument) and "features" in answers[1].message
+    assert isinstance(answers[2], InvalidArgument) and "non-finite" in answers[2].message
+    assert isinstance(answers[3], NotFound)
+    assert isinstance(answers[4], NotFound) and "stable" in answers[4].message
+    assert isinstance(answers[0], Prediction) and isinstance(answers[5], Prediction)
+    assert passes(core) == (1, 2.0)
+
+
+def test_the_head_and_each_version_are_batched_apart(core: Core) -> None:
+    x = rows(1)
+    before = expected(core, x)
+    core.save_version("m")  # version 1 = step 0
+    core.train_step("m", rows(4, 9), np.zeros((4, 3)))
+    after = expected(core, x)
+    assert not np.allclose(before, after)
+    dispatcher = Dispatcher(core)
+    try:
+        core.predict("m", x, version=1)  # load version 1 into memory
+        answers = submit_all(
+            dispatcher,
+            [
+                {"name": "m", "inputs": x},
+                {"name": "m", "inputs": x, "version": 1},
+                {"name": "m", "inputs": x},
+                {"name": "m", "inputs": x, "version": 1},
+            ],
+        )
+    finally:
+        dispatcher.close()
+    assert [(a.version, a.step) for a in answers] == [(None, 1), (1, 0), (None, 1), (1, 0)]
+    np.testing.assert_allclose(answers[0].outputs, after, rtol=1e-12)
+    np.testing.assert_allclose(answers[1].outputs, before, rtol=1e-12)
+    assert passes(core)[0] == 3  # the load, then one pass for the head, one for version 1
+
+
+def test_a_version_not_in_memory_is_loaded_off_the_loop(core: Core) -> None:
+    core.save_version("m")
+    restarted = Core(core.store)  # a fresh core: nothing loaded yet
+    dispatcher = Dispatcher(restarted)
+    try:
+        (answer,) = submit_all(dispatcher, [{"name": "m", "inputs": rows(2), "version": 1}])
+        (again,) = submit_all(dispatcher, [{"name": "m", "inputs": rows(2), "version": 1}])
+    finally:
+        dispatcher.close()
+    assert answer.version == 1 and again.version == 1
+    assert np.array_equal(answer.outputs, again.outputs)
+
+
+def test_a_model_deleted_before_its_batch_runs_answers_not_found(core: Core) -> None:
+    dispatcher = Dispatcher(core)
+
+    async def run() -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        dispatcher.submit_predict("m", rows(1), future.set_result)
+        core.delete_model("m")  # before the batch's turn of the loop
+        return await asyncio.wait_for(future, 10)
+
+    try:
+        answer = asyncio.run(run())
+    finally:
+        dispatcher.close()
+    assert isinstance(answer, NotFound)
+
+
+def test_large_batches_run_in_a_worker_and_queries_wait_for_the_next(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch over INLINE_MACS runs in a worker thread; what arrives meanwhile queues and
+    becomes the next batch."""
+    monkeypatch.setattr(dispatch, "INLINE_MACS", 1000)
+    big = 1000 // core.parameter_count("m") + 1
+    dispatcher = Dispatcher(core, batch_rows=big)
+
+    async def run() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[Any] = loop.create_future()
+        dispatcher.submit_predict("m", rows(big), first.set_result)
+        await asyncio.sleep(0)  # the first batch is handed to a worker
+        later = [loop.create_future() for _ in range(3)]
+        for i, future in enumerate(later):
+            dispatcher.submit_predict("m", rows(1, i), future.set_result)
+        return list(await asyncio.wait_for(asyncio.gather(first, *later), 10))
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        dispatcher.close()
+    assert all(isinstance(a, Prediction) for a in answers)
+    assert passes(core) == (2, float(big + 3))
+
+
+def test_after_shutdown_queued_predictions_answer_unavailable(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatch, "INLINE_MACS", 1000)
+    big = 1000 // core.parameter_count("m") + 1
+    dispatcher = Dispatcher(core, batch_rows=big)
+    dispatcher.close()
+
+    async def run() -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        dispatcher.submit_predict("m", rows(big), future.set_result)
+        return await asyncio.wait_for(future, 10)
+
+    answer = asyncio.run(run())
+    assert isinstance(answer, Unavailable)
