@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -188,6 +189,73 @@ def _settle(future: asyncio.Future[Prediction], result: Prediction | Exception) 
         future.set_result(result)
 
 
+class Serial:
+    """Calls run one after another, in submission order, in a worker thread, with no turn of
+    the event loop between one call's end and the next one's start; after a call fails, the
+    ones queued behind it do not run (their futures are cancelled).
+
+    NOTE: for a Train stream. Starting each step from the loop after the previous one ended
+    left the worker idle ~1 ms of every ~9 ms step (batch 256, model A, 2 cores): the
+    wake-up of the loop, a few turns of it, and the hand-over back to a worker. A worker is
+    held only while calls are queued.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        self._executor = executor
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[Callable[[], Any], asyncio.Future[Any]]] = deque()
+        self._active = False
+        self._failed = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = self._loop.create_future()
+        with self._lock:
+            self._queue.append((functools.partial(fn, *args, **kwargs), future))
+            start = not self._active
+            self._active = True
+        if start:
+            try:
+                self._executor.submit(self._drain)
+            except RuntimeError:  # the executor is shut down: the server is stopping
+                with self._lock:
+                    self._active = False
+                    self._failed = True
+                    dropped = list(self._queue)
+                    self._queue.clear()
+                for _, queued in dropped:
+                    queued.set_exception(Unavailable("the server is shutting down"))
+        return future
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._active = False
+                    return
+                call, future = self._queue.popleft()
+                if self._failed:
+                    self._loop.call_soon_threadsafe(future.cancel)
+                    continue
+            try:
+                result = call()
+            except BaseException as exc:
+                with self._lock:
+                    self._failed = True
+                self._loop.call_soon_threadsafe(_deliver, future, None, exc)
+            else:
+                self._loop.call_soon_threadsafe(_deliver, future, result, None)
+
+
+def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class Dispatcher:
     """Calls into the core from async code: inline when cheap, else in a worker thread."""
 
@@ -204,6 +272,10 @@ class Dispatcher:
     async def offload(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    def serial(self) -> Serial:
+        """A queue of calls run in order in the worker threads (see Serial)."""
+        return Serial(self.executor)
 
     def submit_predict(
         self,

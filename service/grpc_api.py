@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import time
+from asyncio import FIRST_COMPLETED
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
@@ -25,7 +27,7 @@ from propserve.v1 import model_service_pb2 as pb
 from propserve.v1 import model_service_pb2_grpc as pb_grpc
 from service import errors, tensors
 from service.auth import Authenticator
-from service.core import Core, ModelInfo, VersionInfo
+from service.core import Core, ModelInfo, StepOutcome, VersionInfo
 from service.dispatch import Dispatcher
 from service.logs import new_request_id
 from service.metrics import Metrics
@@ -119,6 +121,17 @@ def _iso(timestamp: float) -> str:
     )
 
 
+def _step_out(outcome: StepOutcome) -> pb.TrainStepResponse:
+    response = pb.TrainStepResponse(
+        step=outcome.step, loss=outcome.loss, batch_size=outcome.batch_size
+    )
+    if outcome.accuracy is not None:
+        response.accuracy = outcome.accuracy
+    if outcome.saved_version is not None:
+        response.saved_version = outcome.saved_version
+    return response
+
+
 def _settings_in(settings: pb.ModelSettings) -> dict[str, int]:
     out = {}
     if settings.HasField("retain"):
@@ -140,26 +153,6 @@ def _call_metadata(context: Context) -> tuple[str, str | None]:
         elif key == "authorization" and authorization is None and isinstance(value, str):
             authorization = value
     return rid or new_request_id(), authorization
-
-
-async def _prefetching(messages: AsyncIterator[Request]) -> AsyncIterator[Request]:
-    """The messages of a stream, each next one read while the caller works on the current
-    one (receiving a 256 x 784 batch costs about as much as a tenth of its step)."""
-    iterator = messages.__aiter__()
-    pending = asyncio.ensure_future(iterator.__anext__())
-    try:
-        while True:
-            try:
-                message = await pending
-            except StopAsyncIteration:
-                return
-            pending = asyncio.ensure_future(iterator.__anext__())
-            yield message
-    finally:
-        if not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
 
 
 class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
@@ -319,14 +312,15 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
         outcome = await self.dispatch.offload(
             self.core.train_step, name, inputs, targets, learning_rate=lr
         )
-        response = pb.TrainStepResponse(
-            step=outcome.step, loss=outcome.loss, batch_size=outcome.batch_size
-        )
-        if outcome.accuracy is not None:
-            response.accuracy = outcome.accuracy
-        if outcome.saved_version is not None:
-            response.saved_version = outcome.saved_version
-        return response
+        return _step_out(outcome)
+
+    @staticmethod
+    async def _finish_step(index: int, step: asyncio.Future[StepOutcome]) -> pb.TrainStepResponse:
+        """The response of a queued step (batch ``index``), once it has run."""
+        try:
+            return _step_out(await step)
+        except errors.PropserveError as exc:
+            raise type(exc)(f"batch {index}: {exc.message}") from None
 
     @rpc("TrainStep")
     async def TrainStep(
@@ -350,19 +344,61 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
             self._enter()
             entered = True
             self.auth.authorize(authorization, "Train")
-            async for request in _prefetching(request_iterator):
-                try:
-                    if request.model and name and request.model != name:
-                        raise errors.InvalidArgument(
-                            f"model {request.model!r} differs from the stream's model {name!r}"
-                        )
-                    name = request.model or name
-                    if not name:
-                        raise errors.InvalidArgument("the first message must name the model")
-                    yield await self._step(name, request)
-                except errors.PropserveError as exc:
-                    raise type(exc)(f"batch {index}: {exc.message}") from None
-                index += 1
+            # NOTE: up to two steps are queued while the next batch is received and decoded;
+            # each starts as soon as the previous one ends, in the worker (Dispatcher.serial),
+            # and a response is sent as soon as its step ends, never waiting for the next
+            # batch. After a failing step, the batches behind it are not applied.
+            failure: errors.PropserveError | None = None
+            steps = self.dispatch.serial()
+            pending: deque[tuple[int, asyncio.Future[StepOutcome]]] = deque()
+            messages = request_iterator.__aiter__()
+            arriving: asyncio.Future[pb.TrainStepRequest] | None = None
+            try:
+                while True:
+                    if arriving is None and len(pending) < 2:
+                        arriving = asyncio.ensure_future(messages.__anext__())
+                    waiting = [f for f in (arriving, pending[0][1] if pending else None) if f]
+                    await asyncio.wait(waiting, return_when=FIRST_COMPLETED)
+                    if pending and pending[0][1].done():
+                        yield await self._finish_step(*pending.popleft())
+                        continue
+                    assert arriving is not None
+                    try:
+                        request = arriving.result()
+                    except StopAsyncIteration:
+                        arriving = None
+                        break
+                    arriving = None
+                    try:
+                        if request.model and name and request.model != name:
+                            raise errors.InvalidArgument(
+                                f"model {request.model!r} differs from the stream's model {name!r}"
+                            )
+                        name = request.model or name
+                        if not name:
+                            raise errors.InvalidArgument("the first message must name the model")
+                        inputs, targets, lr = self._decode_step(request)
+                    except errors.PropserveError as exc:
+                        failure = type(exc)(f"batch {index}: {exc.message}")
+                        break
+                    step = steps.submit(
+                        self.core.train_step, name, inputs, targets, learning_rate=lr
+                    )
+                    pending.append((index, step))
+                    index += 1
+                while pending:
+                    yield await self._finish_step(*pending.popleft())
+            finally:
+                if arriving is not None and not arriving.done():
+                    arriving.cancel()
+                    with contextlib.suppress(BaseException):
+                        await arriving
+                for _, step in pending:
+                    # The call ended with steps queued (the client went away, or a step
+                    # failed): they complete or are dropped in the worker, unheard.
+                    step.add_done_callback(lambda done: done.cancelled() or done.exception())
+            if failure is not None:
+                raise failure
         except Exception as exc:
             code = _status(exc).name
             await self._fail(context, "Train", rid, exc)

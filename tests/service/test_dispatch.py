@@ -279,3 +279,57 @@ def test_after_shutdown_queued_predictions_answer_unavailable(
 
     answer = asyncio.run(run())
     assert isinstance(answer, Unavailable)
+
+
+# -- Serial: the queue behind a Train stream ---------------------------------------------------
+
+
+def test_serial_runs_calls_in_order_and_stops_after_a_failure(core: Core) -> None:
+    dispatcher = Dispatcher(core)
+    ran: list[int] = []
+
+    def call(i: int) -> int:
+        if i == 3:
+            raise InvalidArgument("three is bad")
+        ran.append(i)
+        return i * 10
+
+    async def run() -> list[Any]:
+        serial = dispatcher.serial()
+        futures = [serial.submit(call, i) for i in range(6)]
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        dispatcher.close()
+    assert ran == [0, 1, 2]  # in order; nothing after the failure ran
+    assert results[:3] == [0, 10, 20]
+    assert isinstance(results[3], InvalidArgument)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[4:])
+
+
+def test_serial_keeps_going_after_its_queue_runs_dry(core: Core) -> None:
+    dispatcher = Dispatcher(core)
+
+    async def run() -> list[int]:
+        serial = dispatcher.serial()
+        first = await serial.submit(lambda: 1)
+        await asyncio.sleep(0.01)  # the worker has left; the next call starts a new one
+        return [first, await serial.submit(lambda: 2)]
+
+    try:
+        assert asyncio.run(run()) == [1, 2]
+    finally:
+        dispatcher.close()
+
+
+def test_serial_after_shutdown_answers_unavailable(core: Core) -> None:
+    dispatcher = Dispatcher(core)
+    dispatcher.close()
+
+    async def run() -> Any:
+        return await asyncio.gather(dispatcher.serial().submit(lambda: 1), return_exceptions=True)
+
+    (result,) = asyncio.run(run())
+    assert isinstance(result, Unavailable)
