@@ -15,8 +15,9 @@ It starts, as child processes on ephemeral loopback ports:
 
 Cases: single-row and 256-row Predict over gRPC (raw float32 bytes) and REST (nested JSON
 lists) at concurrency 1, 8 and 64, each right after the matching echo case so that the host's
-noise hits both alike; streamed training over gRPC (one bidirectional Train stream of
-batch-256 steps) against ``engine.Network.train_step`` on the same batches in this process.
+noise hits both alike; streamed training over gRPC (bidirectional Train streams of batch-256
+steps) against ``engine.Network.train_step`` on the same batches in this process, in
+alternating rounds.
 The server's load runs twice; its resident memory (VmRSS) is read before, between and after,
 and the second run's growth must stay within 10%. The figures reported are the second run's.
 
@@ -304,7 +305,7 @@ def train_batches(steps: int) -> tuple[list[Any], list[Any], list[bytes]]:
         xs.append(x)
         ys.append(y)
         request = pb.TrainStepRequest(
-            model=MODEL if i == 0 else "",
+            model=MODEL,
             inputs=pb.Tensor(shape=[TRAIN_BATCH, 784], dtype=pb.DTYPE_FLOAT32, data=x.tobytes()),
             targets=pb.Tensor(shape=[TRAIN_BATCH], dtype=pb.DTYPE_INT64, data=y.tobytes()),
         )
@@ -581,62 +582,88 @@ def in_process_forward(repeats: int) -> float:
     return statistics.median(times)
 
 
-def in_process_train(xs: list[Any], ys: list[Any], seconds: float) -> float:
-    """Samples/s of Network.train_step over the batches in this process."""
+@dataclass
+class TrainComparison:
+    """Interleaved rounds of in-process steps and streamed steps on the same batches."""
+
+    local_seconds: float = 0.0
+    remote_seconds: float = 0.0
+    steps: int = 0
+    round_ratios: list[float] = field(default_factory=list)
+
+    @property
+    def local(self) -> float:
+        return self.steps * TRAIN_BATCH / self.local_seconds
+
+    @property
+    def remote(self) -> float:
+        return self.steps * TRAIN_BATCH / self.remote_seconds
+
+
+async def compare_training(
+    channel: Any, train: tuple[list[Any], list[Any], list[bytes]], rounds: int, steps: int
+) -> TrainComparison:
+    """Samples/s of ``Network.train_step`` in this process and of one gRPC Train stream per
+    round, alternating round by round over the same batches.
+
+    NOTE: the host's speed drifts by up to 2x within a minute (the same in-process step took
+    4.1 ms and 7.7 ms a minute apart), so a baseline measured once before or after the
+    stream compares different machines; alternating rounds of a fraction of a second lets
+    the drift hit both alike. Each round opens a new stream, which costs the stream's first
+    batch its overlap with the previous step (~1/steps of a round)."""
     from engine import ModelSpec, Network  # noqa: PLC0415
 
+    xs, ys, wire = train
     network = Network(ModelSpec.from_dict(SPEC))
     network.train_step(xs[0], ys[0])
-    deadline = time.perf_counter() + seconds
-    start = time.perf_counter()
-    steps = 0
-    for x, y in zip(xs, ys, strict=True):
-        network.train_step(x, y)
-        steps += 1
-        if time.perf_counter() > deadline:
-            break
-    return steps * TRAIN_BATCH / (time.perf_counter() - start)
-
-
-async def stream_train(channel: Any, wire: list[bytes], seconds: float) -> tuple[float, int]:
-    """Samples/s of one Train stream over the batches (the first message names the model)."""
+    result = TrainComparison()
     call = channel.stream_stream(TRAIN_METHOD)
-    deadline = time.perf_counter() + seconds
+    for r in range(rounds):
+        chosen = [(i + r * steps) % len(xs) for i in range(steps)]
+        start = time.perf_counter()
+        for i in chosen:
+            network.train_step(xs[i], ys[i])
+        local = time.perf_counter() - start
 
-    async def requests() -> Any:
-        for message in wire:
-            if time.perf_counter() > deadline:
-                return
-            yield message
+        async def requests(chosen: list[int] = chosen) -> Any:
+            for i in chosen:
+                yield wire[i]
 
-    start = time.perf_counter()
-    steps = 0
-    async for _ in call(requests(), timeout=seconds + 60):
-        steps += 1
-    return steps * TRAIN_BATCH / (time.perf_counter() - start), steps
+        start = time.perf_counter()
+        answered = 0
+        async for _ in call(requests(), timeout=60):
+            answered += 1
+        remote = time.perf_counter() - start
+        if answered != steps:
+            raise RuntimeError(f"the stream answered {answered} of {steps} steps")
+        result.local_seconds += local
+        result.remote_seconds += remote
+        result.steps += steps
+        result.round_ratios.append(local / remote)
+    return result
 
 
 @dataclass
 class Plan:
     predict: dict[int, Budget]  # by rows
     rest_256: Budget
-    train_steps: int
-    train_seconds: float
+    train_rounds: int
+    train_round_steps: int
     forward_repeats: int
 
 
 QUICK = Plan(
     predict={1: Budget(1500, 0.5, 20), 256: Budget(300, 0.5, 2)},
     rest_256=Budget(64, 1.0, 1),
-    train_steps=40,
-    train_seconds=1.0,
+    train_rounds=4,
+    train_round_steps=12,
     forward_repeats=500,
 )
 FULL = Plan(
     predict={1: Budget(20000, 2.5, 200), 256: Budget(3000, 2.5, 20)},
     rest_256=Budget(256, 3.0, 2),
-    train_steps=200,
-    train_seconds=3.0,
+    train_rounds=12,
+    train_round_steps=20,
     forward_repeats=3000,
 )
 
@@ -711,23 +738,23 @@ async def run_load(
                     results.append(row("rest", op, rows, conc, summarize(sample)))
         # streamed training against the engine in this process
         await quiesce(server.pid)
-        local = in_process_train(xs, ys, plan.train_seconds)
-        remote, steps = await stream_train(channels["server"], wire, plan.train_seconds)
-        local2 = in_process_train(xs, ys, plan.train_seconds)
-        baseline = max(local, local2)
+        trained = await compare_training(
+            channels["server"], train, plan.train_rounds, plan.train_round_steps
+        )
         results.append(
             {
                 "transport": "grpc",
                 "op": "train_stream",
                 "rows": TRAIN_BATCH,
                 "concurrency": 1,
-                "steps": steps,
-                "throughput": remote,
+                "steps": trained.steps,
+                "throughput": trained.remote,
                 "p50_s": None,
                 "p99_s": None,
-                "baseline": baseline,
-                "baseline_of": "in-process samples/s",
-                "ratio": remote / baseline,
+                "baseline": trained.local,
+                "baseline_of": "in-process samples/s, interleaved rounds",
+                "ratio": trained.remote / trained.local,
+                "round_ratios": [round(r, 3) for r in trained.round_ratios],
             }
         )
     finally:
@@ -852,7 +879,7 @@ async def benchmark(
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     info = machine()
     payloads = {rows: make_payloads(rows) for rows in ROWS}
-    train = train_batches(plan.train_steps)
+    train = train_batches(plan.train_round_steps * 4)
     forward_s = in_process_forward(plan.forward_repeats)
     children: list[Child] = []
     cpu0 = time.process_time()
