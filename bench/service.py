@@ -299,7 +299,7 @@ def train_batches(steps: int) -> tuple[list[Any], list[Any], list[bytes]]:
 
     rng = np.random.default_rng(7)
     xs, ys, wire = [], [], []
-    for i in range(steps):
+    for _ in range(steps):
         x = rng.standard_normal((TRAIN_BATCH, 784), dtype=np.float32)
         y = rng.integers(0, 10, TRAIN_BATCH, dtype=np.int64)
         xs.append(x)
@@ -566,8 +566,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def in_process_forward(repeats: int) -> float:
-    """Median seconds of one single-row Network.forward of model A in this process."""
+def in_process_forward(repeats: int, idle: float = 0.0) -> float:
+    """Median seconds of one single-row Network.forward of model A in this process, called
+    back to back, or each after sleeping ``idle`` seconds (as a server waits for requests)."""
     import numpy as np  # noqa: PLC0415
 
     from engine import ModelSpec, Network  # noqa: PLC0415
@@ -576,6 +577,8 @@ def in_process_forward(repeats: int) -> float:
     x = np.random.default_rng(1).standard_normal((1, 784), dtype=np.float32)
     times = []
     for _ in range(repeats):
+        if idle:
+            time.sleep(idle)
         start = time.perf_counter()
         network.forward(x)
         times.append(time.perf_counter() - start)
@@ -690,7 +693,6 @@ async def run_load(
         ("grpc.max_receive_message_length", 64 << 20),
         ("grpc.max_send_message_length", 64 << 20),
     ]
-    xs, ys, wire = train
     results: list[dict[str, Any]] = []
     targets = {"server": f"127.0.0.1:{server.ports['grpc_port']}"}
     if echoes:
@@ -818,7 +820,8 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
     print(
         f"server: pid {info['server_pid']}, blas_threads {info['blas_threads']}; "
         f"REST load: {info['rest_client']}; in-process forward (1 row) "
-        f"{info['forward_s'] * 1e3:.3f} ms"
+        f"{info['forward_s'] * 1e3:.3f} ms back to back, "
+        f"{info['forward_after_idle_s'] * 1e3:.3f} ms after 0.5 ms idle"
     )
     header = (
         f"{'transport':9} {'op':12} {'rows':>4} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} "
@@ -881,6 +884,10 @@ async def benchmark(
     payloads = {rows: make_payloads(rows) for rows in ROWS}
     train = train_batches(plan.train_round_steps * 4)
     forward_s = in_process_forward(plan.forward_repeats)
+    # NOTE: the target's baseline is the forward pass back to back, as the issue defines it;
+    # after an idle gap the same pass runs with cold caches (measured here: 2-4x slower), as
+    # it does in a server waiting for its next request. Reported beside it, not used.
+    forward_idle_s = in_process_forward(plan.forward_repeats // 5, idle=0.0005)
     children: list[Child] = []
     cpu0 = time.process_time()
     children0 = os.times()
@@ -926,6 +933,7 @@ async def benchmark(
     )
     info.update(
         forward_s=forward_s,
+        forward_after_idle_s=forward_idle_s,
         server_pid=server.pid,
         blas_threads=args.blas_threads or DEFAULT_BLAS_THREADS,
         rest_client="wrk (1 row), asyncio keep-alive (256 rows)" if wrk else "asyncio keep-alive",
