@@ -58,6 +58,18 @@ class Settings(BaseSettings):
         description="Most rows in one batched forward pass: concurrent predictions on one "
         "model share a pass (1: no batching).",
     )
+    max_queued_rows: int = Field(
+        4096,
+        ge=1,
+        description="Most prediction rows waiting for a forward pass per model; beyond, "
+        "RESOURCE_EXHAUSTED / 429 (too busy).",
+    )
+    max_pending_calls: int = Field(
+        256,
+        ge=1,
+        description="Most calls waiting for a worker thread (training steps, saves, large "
+        "predictions); beyond, RESOURCE_EXHAUSTED / 429 (too busy).",
+    )
     max_params: int = Field(50_000_000, ge=1, description="Most parameters in one model.")
     default_retain: int = Field(10, ge=1, description="Versions kept per model unless set.")
     default_autosave_every: int = Field(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from service.core import Core, Prediction, PredictQuery
-from service.errors import Unavailable
+from service.errors import TooBusy, Unavailable
 
 T = TypeVar("T")
 log = logging.getLogger("propserve.dispatch")
@@ -36,6 +36,12 @@ log = logging.getLogger("propserve.dispatch")
 #: parses the next requests), and REST throughput at concurrency 8 fell from 0.8x to 0.6x the
 #: bare echo. 2**25 is ~60 rows of A, ~0.6 ms.
 INLINE_MACS = 1 << 25
+
+#: Rows of predictions that may wait for a forward pass, per model and source.
+DEFAULT_QUEUED_ROWS = 4096
+
+#: Calls that may wait for a worker thread (training steps, saves, large predictions...).
+DEFAULT_PENDING_CALLS = 256
 
 #: A prediction that arrives alone is computed at once up to this size (two rows of A).
 LONE_MACS = 1 << 20
@@ -60,6 +66,7 @@ class _Lane:
     """Queued queries of one (model, source) and how many of its batches are computing."""
 
     queue: deque[tuple[PredictQuery, Done]] = field(default_factory=deque)
+    queued_rows: int = 0
     running: int = 0
     scheduled: bool = False
 
@@ -82,20 +89,30 @@ class Batcher:
         *,
         max_rows: int = DEFAULT_BATCH_ROWS,
         max_running: int = 1,
+        max_queued_rows: int = DEFAULT_QUEUED_ROWS,
     ) -> None:
         self.core = core
         self.executor = executor
         self.max_rows = max(1, max_rows)
         self.max_running = max(1, max_running)
+        self.max_queued_rows = max(1, max_queued_rows)
         self._lanes: dict[Any, _Lane] = {}
 
     def submit(self, query: PredictQuery, done: Done) -> None:
-        """Answer ``query`` through ``done``, soon, from the event loop's thread."""
+        """Answer ``query`` through ``done``, soon, from the event loop's thread; raises
+        TooBusy, queueing nothing, when ``max_queued_rows`` rows already wait."""
         key = query.key
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
+        elif lane.queued_rows >= self.max_queued_rows:
+            raise TooBusy(
+                f"{lane.queued_rows:,} rows of predictions on model "
+                f"{query.model.record.name!r} are waiting already (the limit is "
+                f"{self.max_queued_rows:,}); try again later"
+            )
         lane.queue.append((query, done))
+        lane.queued_rows += query.rows
         if not lane.scheduled and lane.running < self.max_running:
             lane.scheduled = True
             # NOTE: call_soon runs after the loop has handled every request that arrived in
@@ -115,6 +132,7 @@ class Batcher:
         while lane.queue and rows + lane.queue[0][0].rows <= self.max_rows:
             batch.append(lane.queue.popleft())
             rows += batch[-1][0].rows
+        lane.queued_rows -= rows
         return batch
 
     def _flush(self, key: Any, lane: _Lane) -> None:
@@ -260,18 +278,41 @@ class Dispatcher:
     """Calls into the core from async code: inline when cheap, else in a worker thread."""
 
     def __init__(
-        self, core: Core, threads: int | None = None, *, batch_rows: int = DEFAULT_BATCH_ROWS
+        self,
+        core: Core,
+        threads: int | None = None,
+        *,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        max_queued_rows: int = DEFAULT_QUEUED_ROWS,
+        max_pending_calls: int = DEFAULT_PENDING_CALLS,
     ) -> None:
         self.core = core
         self.threads = threads or default_threads()
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="propserve-worker")
         self.batcher = Batcher(
-            core, self.executor, max_rows=batch_rows, max_running=max(1, self.threads // 2)
+            core,
+            self.executor,
+            max_rows=batch_rows,
+            max_running=max(1, self.threads // 2),
+            max_queued_rows=max_queued_rows,
         )
+        self.max_pending_calls = max(1, max_pending_calls)
+        self._pending = 0
 
     async def offload(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        """``fn(*args, **kwargs)`` in a worker thread; TooBusy when ``max_pending_calls``
+        calls are already running or waiting for one."""
+        if self._pending >= self.max_pending_calls:
+            raise TooBusy(
+                f"{self._pending:,} calls are waiting for a worker already (the limit is "
+                f"{self.max_pending_calls:,}); try again later"
+            )
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        finally:
+            self._pending -= 1
 
     def serial(self) -> Serial:
         """A queue of calls run in order in the worker threads (see Serial)."""

@@ -49,6 +49,11 @@ class ResourceExhausted(PropserveError):
     code = "resource_exhausted"
 
 
+class TooBusy(ResourceExhausted):
+    """More work waiting than the server accepts (queued prediction rows, calls waiting for
+    a worker); nothing was done, and the same request may succeed later."""
+
+
 class Unauthenticated(PropserveError):
     """No credentials, or credentials that are not known."""
 

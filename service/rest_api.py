@@ -50,6 +50,7 @@ HTTP_STATUS: dict[type[errors.PropserveError], int] = {
     errors.AlreadyExists: 409,
     errors.FailedPrecondition: 409,
     errors.ResourceExhausted: 413,
+    errors.TooBusy: 429,
     errors.Unauthenticated: 401,
     errors.PermissionDenied: 403,
     errors.Unavailable: 503,

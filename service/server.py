@@ -146,7 +146,12 @@ async def start(settings: Settings) -> Server:
     except BaseException:
         store.close()
         raise
-    dispatcher = Dispatcher(core, batch_rows=settings.batch_rows)
+    dispatcher = Dispatcher(
+        core,
+        batch_rows=settings.batch_rows,
+        max_queued_rows=settings.max_queued_rows,
+        max_pending_calls=settings.max_pending_calls,
+    )
     adapter = ModelServiceAdapter(dispatcher, auth, metrics, limits.max_elements)
     grpc_server, health = build_server(adapter, max_message_bytes=settings.max_message_bytes)
     grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"

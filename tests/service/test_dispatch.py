@@ -4,6 +4,7 @@ back, and what happens when one caller's rows or the model go wrong."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,14 @@ from engine import ModelSpec, forward
 from service import dispatch
 from service.core import Core, Prediction
 from service.dispatch import Dispatcher
-from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TooBusy,
+    Unavailable,
+)
 from service.store import ModelStore
 
 SPEC: dict[str, Any] = {
@@ -333,3 +341,43 @@ def test_serial_after_shutdown_answers_unavailable(core: Core) -> None:
 
     (result,) = asyncio.run(run())
     assert isinstance(result, Unavailable)
+
+
+# -- too busy: bounded queues ------------------------------------------------------------------
+
+
+def test_predictions_beyond_the_queued_rows_limit_are_refused_too_busy(core: Core) -> None:
+    dispatcher = Dispatcher(core, max_queued_rows=3)
+    try:
+        answers = submit_all(
+            dispatcher, [{"name": "m", "inputs": rows(2, i)} for i in range(3)]
+        )  # 2 rows wait, then 4 (at the limit), then the third is refused
+        later = submit_all(dispatcher, [{"name": "m", "inputs": rows(2)}])
+    finally:
+        dispatcher.close()
+    assert isinstance(answers[0], Prediction) and isinstance(answers[1], Prediction)
+    assert isinstance(answers[2], TooBusy)
+    assert isinstance(answers[2], ResourceExhausted)
+    assert "4 rows of predictions on model 'm' are waiting" in answers[2].message
+    assert isinstance(later[0], Prediction)  # the queue drained: accepted again
+    assert passes(core) == (2, 6.0)  # the refused query never ran
+
+
+def test_calls_beyond_the_pending_limit_are_refused_too_busy(core: Core) -> None:
+    dispatcher = Dispatcher(core, max_pending_calls=2)
+    release = threading.Event()
+
+    async def run() -> list[Any]:
+        held = [asyncio.ensure_future(dispatcher.offload(release.wait, 10)) for _ in range(2)]
+        await asyncio.sleep(0)  # both are pending now
+        with pytest.raises(TooBusy, match="2 calls are waiting"):
+            await dispatcher.offload(lambda: 1)
+        release.set()
+        done = await asyncio.gather(*held)
+        return [*done, await dispatcher.offload(lambda: 3)]
+
+    try:
+        assert asyncio.run(run()) == [True, True, 3]
+    finally:
+        release.set()
+        dispatcher.close()
