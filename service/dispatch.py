@@ -43,7 +43,7 @@ DEFAULT_QUEUED_ROWS = 4096
 #: Calls that may wait for a worker thread (training steps, saves, large predictions...).
 DEFAULT_PENDING_CALLS = 256
 
-#: A prediction that arrives alone is computed at once up to this size (two rows of A).
+#: A gRPC prediction on an idle model is computed at once up to this size (one row of A).
 LONE_MACS = 1 << 20
 
 #: Rows in one batched forward pass (a single larger query still runs, alone).
