@@ -14,8 +14,8 @@ It starts, as child processes on ephemeral loopback ports:
   body raw and answers a small JSON.
 
 Cases: single-row and 256-row Predict over gRPC (raw float32 bytes) and REST (nested JSON
-lists) at concurrency 1, 8 and 64, each right after the matching echo case so that the host's
-noise hits both alike; streamed training over gRPC (bidirectional Train streams of batch-256
+lists) at concurrency 1, 8 and 64, each alternating with the matching echo case (three turns
+each, one with --quick) so that the host's noise hits both alike; streamed training over gRPC (bidirectional Train streams of batch-256
 steps) against ``engine.Network.train_step`` on the same batches in this process, in
 alternating rounds.
 The server's load runs twice; its resident memory (VmRSS) is read before, between and after,
@@ -88,6 +88,14 @@ class Budget:
     requests: int
     seconds: float
     warmup: int
+
+    def share(self, parts: int, *, first: bool) -> Budget:
+        """One of ``parts`` alternating turns of this budget (the warm-up in the first)."""
+        if parts == 1:
+            return self
+        return Budget(
+            max(1, self.requests // parts), self.seconds / parts, self.warmup if first else 0
+        )
 
 
 # -- child processes -----------------------------------------------------------------------
@@ -524,6 +532,27 @@ def wrk_load(
     return sample
 
 
+def merge(samples: list[Sample]) -> Sample:
+    """Alternating turns of one case as one sample: their requests, times and CPU added up;
+    for wrk's turns (percentiles only), the median of their percentiles."""
+    if len(samples) == 1:
+        return samples[0]
+    merged = Sample(
+        [latency for s in samples for latency in s.latencies],
+        sum(s.wall for s in samples),
+        sum(s.client_cpu for s in samples),
+        sum(s.server_cpu for s in samples),
+        sum(s.errors for s in samples),
+    )
+    if all(s.extra for s in samples):
+        merged.extra = {
+            "count": sum(s.extra["count"] for s in samples),
+            "p50": statistics.median(s.extra["p50"] for s in samples),
+            "p99": statistics.median(s.extra["p99"] for s in samples),
+        }
+    return merged
+
+
 def summarize(sample: Sample) -> dict[str, Any]:
     if sample.extra:
         count, p50, p99 = sample.extra["count"], sample.extra["p50"], sample.extra["p99"]
@@ -652,6 +681,7 @@ class Plan:
     rest_256: Budget
     train_rounds: int
     train_round_steps: int
+    alternations: int
     forward_repeats: int
 
 
@@ -660,6 +690,7 @@ QUICK = Plan(
     rest_256=Budget(64, 1.0, 1),
     train_rounds=4,
     train_round_steps=12,
+    alternations=1,
     forward_repeats=500,
 )
 FULL = Plan(
@@ -667,6 +698,7 @@ FULL = Plan(
     rest_256=Budget(256, 3.0, 2),
     train_rounds=12,
     train_round_steps=20,
+    alternations=3,
     forward_repeats=3000,
 )
 
@@ -706,19 +738,24 @@ async def run_load(
             payload = payloads[rows]
             for conc in CONCURRENCY:
                 budget = plan.predict[rows]
-                for who, method in (("echo", ECHO_METHOD), ("server", PREDICT_METHOD)):
-                    if who not in channels:
-                        continue
-                    stub: Any = channels[who].unary_unary(method)
+                samples: dict[str, list[Sample]] = {"echo": [], "server": []}
+                for turn in range(plan.alternations):
+                    for who, method in (("echo", ECHO_METHOD), ("server", PREDICT_METHOD)):
+                        if who not in channels:
+                            continue
+                        stub: Any = channels[who].unary_unary(method)
 
-                    async def call(stub: Any = stub, data: bytes = payload.grpc) -> None:
-                        await stub(data, timeout=60)
+                        async def call(stub: Any = stub, data: bytes = payload.grpc) -> None:
+                            await stub(data, timeout=60)
 
-                    pid = server.pid if who == "server" else echoes["grpc"].pid  # type: ignore[index]
-                    await quiesce(pid)
-                    sample = await closed_loop(call, conc, budget, pid)
-                    op = "predict" if who == "server" else "echo"
-                    results.append(row("grpc", op, rows, conc, summarize(sample)))
+                        pid = server.pid if who == "server" else echoes["grpc"].pid  # type: ignore[index]
+                        await quiesce(pid)
+                        share = budget.share(plan.alternations, first=turn == 0)
+                        samples[who].append(await closed_loop(call, conc, share, pid))
+                for who, taken in samples.items():
+                    if taken:
+                        op = "predict" if who == "server" else "echo"
+                        results.append(row("grpc", op, rows, conc, summarize(merge(taken))))
         # REST predict
         for rows in ROWS:
             payload = payloads[rows]
@@ -727,17 +764,33 @@ async def run_load(
                 cases = [("server", server, f"/v1/models/{MODEL}/predict")]
                 if echoes:
                     cases.insert(0, ("echo", echoes["rest"], "/echo"))
-                for who, child, path in cases:
-                    port = child.ports["rest_port"]
-                    await quiesce(child.pid)
-                    if wrk and rows == 1:
-                        sample = await asyncio.to_thread(
-                            wrk_load, wrk, work, port, path, payload.rest, conc, budget, child.pid
-                        )
-                    else:
-                        sample = await rest_load(port, path, payload.rest, conc, budget, child.pid)
-                    op = "predict" if who == "server" else "echo"
-                    results.append(row("rest", op, rows, conc, summarize(sample)))
+                samples = {"echo": [], "server": []}
+                for turn in range(plan.alternations):
+                    for who, child, path in cases:
+                        port = child.ports["rest_port"]
+                        await quiesce(child.pid)
+                        share = budget.share(plan.alternations, first=turn == 0)
+                        if wrk and rows == 1:
+                            sample = await asyncio.to_thread(
+                                wrk_load,
+                                wrk,
+                                work,
+                                port,
+                                path,
+                                payload.rest,
+                                conc,
+                                share,
+                                child.pid,
+                            )
+                        else:
+                            sample = await rest_load(
+                                port, path, payload.rest, conc, share, child.pid
+                            )
+                        samples[who].append(sample)
+                for who, taken in samples.items():
+                    if taken:
+                        op = "predict" if who == "server" else "echo"
+                        results.append(row("rest", op, rows, conc, summarize(merge(taken))))
         # streamed training against the engine in this process
         await quiesce(server.pid)
         trained = await compare_training(

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         "model share a pass (1: no batching).",
     )
     max_queued_rows: int = Field(
-        4096,
+        65536,
         ge=1,
         description="Most prediction rows waiting for a forward pass per model; beyond, "
         "RESOURCE_EXHAUSTED / 429 (too busy).",

@@ -38,7 +38,7 @@ log = logging.getLogger("propserve.dispatch")
 INLINE_MACS = 1 << 25
 
 #: Rows of predictions that may wait for a forward pass, per model and source.
-DEFAULT_QUEUED_ROWS = 4096
+DEFAULT_QUEUED_ROWS = 65536
 
 #: Calls that may wait for a worker thread (training steps, saves, large predictions...).
 DEFAULT_PENDING_CALLS = 256
