@@ -15,9 +15,9 @@ It starts, as child processes on ephemeral loopback ports:
 
 Cases: single-row and 256-row Predict over gRPC (raw float32 bytes) and REST (nested JSON
 lists) at concurrency 1, 8 and 64, each alternating with the matching echo case (three turns
-each, one with --quick) so that the host's noise hits both alike; streamed training over gRPC (bidirectional Train streams of batch-256
-steps) against ``engine.Network.train_step`` on the same batches in this process, in
-alternating rounds.
+each, one with --quick) so that the host's noise hits both alike; streamed training over gRPC
+(bidirectional Train streams of batch-256 steps) against ``engine.Network.train_step`` on the
+same batches in this process, in alternating rounds.
 The server's load runs twice; its resident memory (VmRSS) is read before, between and after,
 and the second run's growth must stay within 10%. The figures reported are the second run's.
 
