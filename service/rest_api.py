@@ -397,7 +397,7 @@ def create_app(
         return Response(predict_answer(name, result), media_type="application/json")
 
     errors_doc: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 503)
+        code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 429, 503)
     }
     v1 = APIRouter(prefix="/v1", tags=["models"], responses=errors_doc)
 
