@@ -26,6 +26,7 @@ from clients.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    TooBusy,
     Unauthenticated,
     Unavailable,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "RestClient",
     "RetryPolicy",
     "StepResult",
+    "TooBusy",
     "Unauthenticated",
     "Unavailable",
     "Version",

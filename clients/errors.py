@@ -40,7 +40,20 @@ class FailedPrecondition(ClientError):
 
 
 class ResourceExhausted(ClientError):
+    """Over a limit: a message, rows or parameters too large, or (TooBusy) too much work."""
+
     code = "resource_exhausted"
+
+
+class TooBusy(ResourceExhausted):
+    """The server refused the call for having too much work waiting; nothing was done.
+    Idempotent calls retry it, waiting at least ``retry_after`` seconds (the server's hint)."""
+
+    def __init__(
+        self, message: str, *, status: str | int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
 
 
 class Unauthenticated(ClientError):

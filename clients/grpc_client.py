@@ -57,7 +57,28 @@ def translate(exc: grpc.RpcError) -> errors.ClientError:
     code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
     details = exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else str(exc)
     name = _CODES.get(code, "unknown") if code is not None else "unknown"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        hint = _trailer(exc, "retry-after-ms")
+        if hint is not None:
+            return errors.TooBusy(
+                details or code.name, status=code.name, retry_after=_milliseconds(hint)
+            )
     return errors.from_code(name, details or str(code), code.name if code else None)
+
+
+def _trailer(exc: grpc.RpcError, key: str) -> str | None:
+    trailers = exc.trailing_metadata() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else ()
+    for name, value in trailers or ():
+        if name == key:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
+def _milliseconds(value: str) -> float | None:
+    try:
+        return max(0.0, int(value) / 1000)
+    except ValueError:
+        return None
 
 
 def encode_tensor(value: Any) -> pb.Tensor:

@@ -45,7 +45,19 @@ def translate(response: httpx.Response) -> errors.ClientError:
             response.status_code, "internal" if response.status_code >= 500 else "unknown"
         )
         message = response.text[:500] or response.reason_phrase
+    if response.status_code == 429:
+        return errors.TooBusy(
+            message, status=429, retry_after=_seconds(response.headers.get("retry-after"))
+        )
     return errors.from_code(code, message, response.status_code)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (the HTTP-date form is not used here)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def transport_error(exc: httpx.HTTPError) -> errors.ClientError:

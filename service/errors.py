@@ -51,7 +51,12 @@ class ResourceExhausted(PropserveError):
 
 class TooBusy(ResourceExhausted):
     """More work waiting than the server accepts (queued prediction rows, calls waiting for
-    a worker); nothing was done, and the same request may succeed later."""
+    a worker); nothing was done, and the same request may succeed later. The transports tell
+    clients when to try again: ``Retry-After`` on REST, ``retry-after-ms`` trailing metadata
+    on gRPC."""
+
+    #: The wait suggested to clients.
+    retry_after = 0.1
 
 
 class Unauthenticated(PropserveError):

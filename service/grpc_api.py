@@ -204,7 +204,10 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
                 rid,
                 exc.message,
             )
-            context.set_trailing_metadata((("x-request-id", rid),))
+            trailers: tuple[tuple[str, str], ...] = (("x-request-id", rid),)
+            if isinstance(exc, errors.TooBusy):
+                trailers += (("retry-after-ms", str(round(exc.retry_after * 1000))),)
+            context.set_trailing_metadata(trailers)
             await context.abort(code, exc.message)
         log.error(
             "request.internal_error transport=grpc method=%s request_id=%s",

@@ -30,7 +30,7 @@ HOT_BODY_LIMIT = 256 << 10
 
 _PREDICT_URL = re.compile(rb"/v1/models/([a-z0-9][a-z0-9._-]{0,63})/predict")
 
-Reply = Callable[[int, bytes, str], None]
+Reply = Callable[[int, bytes, str, list[tuple[bytes, bytes]]], None]
 
 
 class HotPath(Protocol):
@@ -129,14 +129,21 @@ class HotPathProtocol(HttpToolsProtocol):
             self._hot_model_name, headers, bytes(cycle.body), lambda *a: self._hot_reply(cycle, *a)
         )
 
-    def _hot_reply(self, cycle: _HotCycle, status: int, body: bytes, request_id: str) -> None:
+    def _hot_reply(
+        self,
+        cycle: _HotCycle,
+        status: int,
+        body: bytes,
+        request_id: str,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
         if cycle.response_complete:
             return
         cycle.response_complete = True
         if cycle.disconnected or self.transport.is_closing():
             return
         head = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
+        for name, value in (*self.server_state.default_headers, *headers):
             head += [name, b": ", value, b"\r\n"]
         head.append(
             b"content-type: application/json\r\ncontent-length: %d\r\nx-request-id: %s\r\n"

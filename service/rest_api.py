@@ -8,6 +8,7 @@ Errors map through ``HTTP_STATUS`` (one table) to ``{"error": {"code", "message"
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -139,7 +140,11 @@ def failure_response(exc: BaseException, path: str, rid: str) -> Response:
             rid,
             exc.message,
         )
-        return error_response(exc.code, exc.message, HTTP_STATUS.get(type(exc), 500))
+        response = error_response(exc.code, exc.message, HTTP_STATUS.get(type(exc), 500))
+        if isinstance(exc, errors.TooBusy):
+            # Retry-After counts whole seconds; clients may retry sooner with backoff.
+            response.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
     log.error(
         "request.internal_error transport=rest path=%s request_id=%s", path, rid, exc_info=exc
     )
@@ -190,7 +195,8 @@ def predict_answer(name: str, result: Prediction) -> bytes:
 class PredictHotPath:
     """``POST /v1/models/{name}/predict`` for service.http_fast: the predict route's
     authorisation, parsing, core call, error mapping, logs and metrics, without the framework
-    around them. The answer goes to ``reply(status, body, request_id)``."""
+    around them. The answer goes to ``reply(status, body, request_id, headers)``, headers
+    being those of the answer besides content type and length."""
 
     def __init__(
         self,
@@ -212,7 +218,7 @@ class PredictHotPath:
         model: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-        reply: Callable[[int, bytes, str], None],
+        reply: Callable[[int, bytes, str, list[tuple[bytes, bytes]]], None],
     ) -> None:
         start = time.perf_counter()
         rid = authorization = None
@@ -225,12 +231,14 @@ class PredictHotPath:
         path = f"/v1/models/{model}/predict"
 
         def answer(result: Prediction | Exception) -> None:
+            extra: list[tuple[bytes, bytes]] = []
             if isinstance(result, Exception):
                 failed = failure_response(result, path, rid)
                 status, payload = failed.status_code, bytes(failed.body)
+                extra = [(k, v) for k, v in failed.raw_headers if k in _PASSED_HEADERS]
             else:
                 status, payload = 200, predict_answer(model, result)
-            reply(status, payload, rid)
+            reply(status, payload, rid, extra)
             self.metrics.observe(
                 "Predict", "rest", _STATUS_TEXT[status], time.perf_counter() - start
             )
@@ -244,6 +252,8 @@ class PredictHotPath:
 
 
 _STATUS_TEXT = {status: str(status) for status in range(100, 600)}
+#: Headers of an error response that the hot path passes on.
+_PASSED_HEADERS = frozenset({b"retry-after"})
 
 
 # -- authentication ----------------------------------------------------------------------

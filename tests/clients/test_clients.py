@@ -131,11 +131,11 @@ class CountingRetry(RetryPolicy):
     waits: list[int] = field(default_factory=list)
     on_wait: Callable[[int], None] | None = None
 
-    def delay(self, attempt: int) -> float:
+    def delay(self, attempt: int, error: ClientError | None = None) -> float:
         self.waits.append(attempt)
         if self.on_wait is not None:
             self.on_wait(attempt)
-        return super().delay(attempt)
+        return super().delay(attempt, error)
 
 
 # -- one scenario, four clients, identical results -----------------------------------------

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from clients import AsyncGrpcClient, AsyncRestClient
 from propserve.v1 import model_service_pb2 as pb
 from tests.support.server import ServerProcess, start_server
 
@@ -54,7 +55,7 @@ def grpc_request(rows: int, seed: int) -> bytes:
     return pb.PredictRequest(model="w", inputs=tensor).SerializeToString()
 
 
-async def rest_predict(port: int, seed: int) -> tuple[int, dict[str, Any]]:
+async def rest_predict(port: int, seed: int) -> tuple[int, dict[str, Any], bytes]:
     x = np.random.default_rng(seed).standard_normal((1, 1024)).round(4).tolist()
     body = json.dumps({"inputs": x}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -69,7 +70,7 @@ async def rest_predict(port: int, seed: int) -> tuple[int, dict[str, Any]]:
             for line in head.split(b"\r\n")
             if line.lower().startswith(b"content-length")
         )
-        return int(head.split()[1]), json.loads(await reader.readexactly(length))
+        return int(head.split()[1]), json.loads(await reader.readexactly(length)), head.lower()
     finally:
         writer.close()
 
@@ -101,11 +102,13 @@ def test_a_burst_beyond_the_queue_limit_is_refused_too_busy(server: ServerProces
     for failure in refused_grpc:
         assert failure.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "try again later" in (failure.details() or "")
+        assert ("retry-after-ms", "100") in tuple(failure.trailing_metadata() or ())
     assert all(isinstance(a, bytes) for a in grpc_answers if a not in refused_grpc)
-    for status, body in rest_answers:
+    for status, body, head in rest_answers:
         if status == 429:
             assert body["error"]["code"] == "resource_exhausted"
             assert "are waiting already" in body["error"]["message"]
+            assert b"\r\nretry-after: 1\r\n" in head
         else:
             assert status == 200 and len(body["outputs"]) == 1
     # Nothing stays stuck: the model answers normally afterwards.
@@ -113,3 +116,41 @@ def test_a_burst_beyond_the_queue_limit_is_refused_too_busy(server: ServerProces
         f"{server.rest_url}/v1/models/w/predict", json={"inputs": [[0.5] * 1024]}, timeout=30
     )
     assert response.status_code == 200
+
+
+def test_the_clients_ride_out_a_busy_server(server: ServerProcess) -> None:
+    """The same bursts through the real async clients: refusals are retried after the
+    server's hint, so every prediction is answered."""
+    x = np.random.default_rng(3).standard_normal((1, 1024)).astype(np.float32)
+
+    async def run() -> list[Any]:
+        async with (
+            grpc.aio.insecure_channel(
+                server.grpc_target, options=[("grpc.max_send_message_length", 64 << 20)]
+            ) as channel,
+            AsyncGrpcClient(server.grpc_target) as over_grpc,
+            AsyncRestClient(server.rest_url) as over_rest,
+        ):
+            predict: Any = channel.unary_unary(PREDICT)
+            answers: list[Any] = []
+            for _ in range(3):
+                big = asyncio.ensure_future(predict(grpc_request(512, 1), timeout=30))
+                await asyncio.sleep(0.005)
+                burst = [
+                    *(over_grpc.predict("w", x) for _ in range(6)),
+                    *(over_rest.predict("w", x) for _ in range(6)),
+                ]
+                answers += await asyncio.gather(*burst, return_exceptions=True)
+                await big
+            return answers
+
+    answers = asyncio.run(run())
+    failures = [a for a in answers if isinstance(a, BaseException)]
+    assert not failures, failures[:3]
+    assert all(a.outputs.shape == (1, 4) for a in answers)
+    refused = 0.0
+    for line in httpx.get(f"{server.rest_url}/metrics").text.splitlines():
+        predict = line.startswith("propserve_requests_total{") and 'method="Predict"' in line
+        if predict and ('code="429"' in line or 'code="RESOURCE_EXHAUSTED"' in line):
+            refused += float(line.split()[-1])
+    assert refused >= 1, "the server was never too busy: the retries went untested"
