@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from clients import AsyncGrpcClient, AsyncRestClient
+from clients import AsyncGrpcClient, AsyncRestClient, RetryPolicy
 from propserve.v1 import model_service_pb2 as pb
 from tests.support.server import ServerProcess, start_server
 
@@ -33,6 +33,9 @@ WIDE: dict[str, Any] = {
     "seed": 1,
 }
 PREDICT = "/propserve.v1.ModelService/Predict"
+# With a queue of one row, twelve callers retrying together can collide again; the default
+# policy's four attempts usually suffice, these always do.
+PATIENT = RetryPolicy(attempts=12, base_delay=0.02, max_delay=0.2)
 
 
 @pytest.fixture
@@ -128,8 +131,8 @@ def test_the_clients_ride_out_a_busy_server(server: ServerProcess) -> None:
             grpc.aio.insecure_channel(
                 server.grpc_target, options=[("grpc.max_send_message_length", 64 << 20)]
             ) as channel,
-            AsyncGrpcClient(server.grpc_target) as over_grpc,
-            AsyncRestClient(server.rest_url) as over_rest,
+            AsyncGrpcClient(server.grpc_target, retry=PATIENT) as over_grpc,
+            AsyncRestClient(server.rest_url, retry=PATIENT) as over_rest,
         ):
             predict: Any = channel.unary_unary(PREDICT)
             answers: list[Any] = []
