@@ -323,15 +323,8 @@ class Core:
             raise _engine_error(exc) from None
         if version is None:
             return PredictQuery(model, None, x, None)
-        if load:
-            spec, params = self._version_params(model, version)
-        else:
-            with self._lock:
-                cached = self._cache.get((name, version))
-            if cached is None:
-                return PredictQuery(model, version, x, None, ready=False)
-            spec, params = cached
-        return PredictQuery(model, version, x, (spec, params))
+        weights = self._version_params(model, version) if load else self._cached(model, version)
+        return PredictQuery(model, version, x, weights, ready=weights is not None)
 
     def predict_batch(self, queries: list[PredictQuery]) -> list[Prediction | Exception]:
         """One forward pass for queries with the same model and source (the head or one
@@ -354,8 +347,8 @@ class Core:
         results: list[Prediction | Exception] = []
         start = 0
         for query in queries:
-            rows = outputs[start : start + len(query.x)]
-            start += len(query.x)
+            rows = outputs[start : start + query.rows]
+            start += query.rows
             if finite or np.isfinite(rows).all():
                 results.append(Prediction(rows, query.version, params.step))
             else:
@@ -515,13 +508,20 @@ class Core:
             ) from None
         return meta, network
 
-    def _version_params(self, model: _Model, version: int) -> tuple[ModelSpec, Params]:
+    def _cached(self, model: _Model, version: int) -> tuple[ModelSpec, Params] | None:
+        """A saved version's weights if they are in memory (marked as recently used)."""
         key = (model.record.name, version)
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
-                return cached
+            return cached
+
+    def _version_params(self, model: _Model, version: int) -> tuple[ModelSpec, Params]:
+        cached = self._cached(model, version)
+        if cached is not None:
+            return cached
+        key = (model.record.name, version)
         _, network = self._load_version(model, version)
         entry = (network.spec, network.params)
         if self._cache_size:

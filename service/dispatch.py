@@ -126,21 +126,21 @@ class Batcher:
             return None
         return self._compute([query])[0]
 
-    def _take(self, lane: _Lane) -> list[tuple[PredictQuery, Done]]:
+    def _take(self, lane: _Lane) -> tuple[list[tuple[PredictQuery, Done]], int]:
+        """The next batch from the lane's queue, and its rows."""
         batch = [lane.queue.popleft()]
         rows = batch[0][0].rows
         while lane.queue and rows + lane.queue[0][0].rows <= self.max_rows:
             batch.append(lane.queue.popleft())
             rows += batch[-1][0].rows
         lane.queued_rows -= rows
-        return batch
+        return batch, rows
 
     def _flush(self, key: Any, lane: _Lane) -> None:
         lane.scheduled = False
         while lane.queue and lane.running < self.max_running:
-            batch = self._take(lane)
+            batch, rows = self._take(lane)
             queries = [query for query, _ in batch]
-            rows = sum(query.rows for query in queries)
             if lane.running == 0 and rows * queries[0].model.spec.n_params <= INLINE_MACS:
                 self._resolve(batch, self._compute(queries))
                 continue
@@ -198,13 +198,15 @@ def _as_exception(error: BaseException) -> Exception:
     return error if isinstance(error, Exception) else Unavailable(f"cancelled: {error!r}")
 
 
-def _settle(future: asyncio.Future[Prediction], result: Prediction | Exception) -> None:
-    if future.done():  # the caller went away
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    """Complete ``future`` with ``outcome``, an exception being raised to its awaiter; a
+    future already done (its caller went away) is left as it is."""
+    if future.done():
         return
-    if isinstance(result, Exception):
-        future.set_exception(result)
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
     else:
-        future.set_result(result)
+        future.set_result(outcome)
 
 
 class Serial:
@@ -260,18 +262,9 @@ class Serial:
             except BaseException as exc:
                 with self._lock:
                     self._failed = True
-                self._loop.call_soon_threadsafe(_deliver, future, None, exc)
+                self._loop.call_soon_threadsafe(_settle, future, exc)
             else:
-                self._loop.call_soon_threadsafe(_deliver, future, result, None)
-
-
-def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+                self._loop.call_soon_threadsafe(_settle, future, result)
 
 
 class Dispatcher:
