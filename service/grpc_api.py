@@ -16,9 +16,11 @@ import time
 from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from numpy.typing import NDArray
@@ -236,6 +238,8 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
                     self._enter()
                     entered = True
                     self.auth.authorize(authorization, method)
+                    if isinstance(request, Undecodable):
+                        raise errors.InvalidArgument(request.reason)
                     return await fn(self, request, context)
                 except Exception as exc:
                     code = _status(exc).name
@@ -374,6 +378,8 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
                         break
                     arriving = None
                     try:
+                        if isinstance(request, Undecodable):
+                            raise errors.InvalidArgument(request.reason)
                         if request.model and name and request.model != name:
                             raise errors.InvalidArgument(
                                 f"model {request.model!r} differs from the stream's model {name!r}"
@@ -447,6 +453,47 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
         return model_out(await self.dispatch.offload(self.core.rollback, request.model, **kwargs))
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request deserializer gives for bytes that are not its message: the handler
+    answers INVALID_ARGUMENT with ``reason`` (gRPC's own answer would be UNKNOWN, naming
+    the parser's exception class)."""
+
+    reason: str
+
+
+def _tolerant(decode: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except DecodeError:
+            return Undecodable(f"the request is not a valid {message}")
+
+    return deserialize
+
+
+class _Registrar:
+    """Takes the generated registration's handlers and registers them on ``server`` with
+    their request deserializers wrapped by :func:`_tolerant`."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come to add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        wrapped = {}
+        for name, handler in handlers.items():
+            decode = handler.request_deserializer  # the generated Message.FromString
+            message = decode.__self__.DESCRIPTOR.full_name
+            wrapped[name] = handler._replace(request_deserializer=_tolerant(decode, message))
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wrapped),)
+        )
+        self._server.add_registered_method_handlers(service, wrapped)
+
+
 def build_server(
     adapter: ModelServiceAdapter, *, max_message_bytes: int
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
@@ -459,7 +506,8 @@ def build_server(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_ModelServiceServicer_to_server(adapter, server)
+    # The generated function only calls the two add_* methods _Registrar has.
+    pb_grpc.add_ModelServiceServicer_to_server(adapter, _Registrar(server))  # type: ignore[arg-type]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -689,6 +689,46 @@ def test_a_stream_switching_models_names_the_batch(wire: Wire) -> None:
     assert "batch 1" in failure.message
 
 
+# --- bytes that are not the method's message -------------------------------------------
+
+#: Not a valid encoding of any message: a length-delimited field 1 that runs past the end.
+UNDECODABLE = b"\x0a\x05ab"
+
+
+@pytest.mark.usefixtures("intact")
+@pytest.mark.parametrize(
+    "method", [m.name for m in pb.DESCRIPTOR.services_by_name["ModelService"].methods]
+)
+def test_undecodable_messages_are_invalid_argument(wire: Wire, method: str) -> None:
+    descriptor = pb.DESCRIPTOR.services_by_name["ModelService"].methods_by_name[method]
+    path = f"/propserve.v1.ModelService/{method}"
+    if descriptor.client_streaming:
+        call: Any = wire.channel.stream_stream(path)
+        failure = grpc_failure(lambda: list(call(iter([UNDECODABLE]), timeout=TIMEOUT)))
+    else:
+        call = wire.channel.unary_unary(path)
+        failure = grpc_failure(lambda: call(UNDECODABLE, timeout=TIMEOUT))
+    assert failure.code == "INVALID_ARGUMENT"
+    assert f"the request is not a valid {descriptor.input_type.full_name}" in failure.message
+    assert "Error" not in failure.message and "class" not in failure.message
+
+
+def test_an_undecodable_batch_ends_the_stream_and_earlier_steps_stay(wire: Wire) -> None:
+    wire.create("stream-undecodable", MSE_SPEC)
+    good = step_request("stream-undecodable", 21).SerializeToString()
+    call: Any = wire.channel.stream_stream("/propserve.v1.ModelService/Train")
+    answered: list[bytes] = []
+
+    def run() -> None:
+        answered.extend(call(iter([good, UNDECODABLE, good]), timeout=TIMEOUT))
+
+    failure = grpc_failure(run)
+    assert len(answered) == 1
+    assert failure.code == "INVALID_ARGUMENT"
+    assert failure.message.startswith("batch 1: the request is not a valid")
+    assert wire.head_step("stream-undecodable") == 1
+
+
 # --- limits: message bytes, rows, elements, parameters ----------------------------------
 
 LIMITS = {
