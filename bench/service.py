@@ -635,43 +635,57 @@ class TrainComparison:
 async def compare_training(
     channel: Any, train: tuple[list[Any], list[Any], list[bytes]], rounds: int, steps: int
 ) -> TrainComparison:
-    """Samples/s of ``Network.train_step`` in this process and of one gRPC Train stream per
-    round, alternating round by round over the same batches.
+    """Samples/s of ``Network.train_step`` in this process and of one gRPC Train stream,
+    alternating round by round over the same batches.
 
     NOTE: the host's speed drifts by up to 2x within a minute (the same in-process step took
     4.1 ms and 7.7 ms a minute apart), so a baseline measured once before or after the
     stream compares different machines; alternating rounds of a fraction of a second lets
-    the drift hit both alike. Each round opens a new stream, which costs the stream's first
-    batch its overlap with the previous step (~1/steps of a round)."""
+    the drift hit both alike. The stream stays open across rounds, as a training client's
+    does, and idles while this process trains; each of its rounds still starts with an empty
+    pipeline (the round's first batch cannot overlap a previous step), which the in-process
+    rounds do not pay."""
+    import grpc  # noqa: PLC0415
+
     from engine import ModelSpec, Network  # noqa: PLC0415
 
     xs, ys, wire = train
     network = Network(ModelSpec.from_dict(SPEC))
     network.train_step(xs[0], ys[0])
     result = TrainComparison()
-    call = channel.stream_stream(TRAIN_METHOD)
-    for r in range(rounds):
-        chosen = [(i + r * steps) % len(xs) for i in range(steps)]
-        start = time.perf_counter()
-        for i in chosen:
-            network.train_step(xs[i], ys[i])
-        local = time.perf_counter() - start
-
-        async def requests(chosen: list[int] = chosen) -> Any:
+    stream = channel.stream_stream(TRAIN_METHOD)(timeout=60 + rounds * steps)
+    try:
+        for r in range(rounds):
+            chosen = [(i + r * steps) % len(xs) for i in range(steps)]
+            start = time.perf_counter()
             for i in chosen:
-                yield wire[i]
+                network.train_step(xs[i], ys[i])
+            local = time.perf_counter() - start
 
-        start = time.perf_counter()
-        answered = 0
-        async for _ in call(requests(), timeout=60):
-            answered += 1
-        remote = time.perf_counter() - start
-        if answered != steps:
-            raise RuntimeError(f"the stream answered {answered} of {steps} steps")
-        result.local_seconds += local
-        result.remote_seconds += remote
-        result.steps += steps
-        result.round_ratios.append(local / remote)
+            async def send(chosen: list[int] = chosen) -> None:
+                for i in chosen:
+                    await stream.write(wire[i])
+
+            start = time.perf_counter()
+            sending = asyncio.ensure_future(send())
+            try:
+                for _ in chosen:
+                    if await stream.read() is grpc.aio.EOF:
+                        raise RuntimeError("the Train stream ended early")
+            except BaseException:
+                sending.cancel()
+                raise
+            remote = time.perf_counter() - start
+            await sending
+            result.local_seconds += local
+            result.remote_seconds += remote
+            result.steps += steps
+            result.round_ratios.append(local / remote)
+        await stream.done_writing()
+        if await stream.read() is not grpc.aio.EOF:
+            raise RuntimeError("the Train stream answered more batches than it was sent")
+    finally:
+        stream.cancel()
     return result
 
 
