@@ -27,7 +27,7 @@ from service import errors
 from service.auth import Authenticator, load_tokens
 from service.config import Settings
 from service.core import Core, Limits
-from service.dispatch import Dispatcher
+from service.dispatch import BusyPoll, Dispatcher
 from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, build_server
 from service.http_fast import protocol_class
 from service.metrics import Metrics
@@ -180,6 +180,7 @@ async def start(settings: Settings) -> Server:
         metrics,
         max_body=settings.max_message_bytes,
         max_elements=limits.max_elements,
+        busy_poll=BusyPoll(settings.busy_poll_us / 1e6, lambda: not dispatcher.working),
     )
     config = uvicorn.Config(
         app,

@@ -381,3 +381,95 @@ def test_calls_beyond_the_pending_limit_are_refused_too_busy(core: Core) -> None
     finally:
         release.set()
         dispatcher.close()
+
+
+# -- busy polling and the count of calls in workers ----------------------------------------
+
+
+def test_working_counts_calls_in_workers_until_they_finish(core: Core) -> None:
+    dispatcher = Dispatcher(core)
+    release = threading.Event()
+    seen: list[int] = []
+
+    async def run() -> None:
+        offloaded = asyncio.ensure_future(dispatcher.offload(release.wait, 10))
+        serial = dispatcher.serial()
+        queued = [serial.submit(release.wait, 10), serial.submit(lambda: 1)]
+        await asyncio.sleep(0.01)
+        seen.append(dispatcher.working)
+        release.set()
+        await asyncio.gather(offloaded, *queued)
+        await asyncio.sleep(0)  # the done callbacks run on the next turn
+        seen.append(dispatcher.working)
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
+        dispatcher.close()
+    assert seen == [3, 0]
+
+
+def test_working_counts_a_batch_in_a_worker_and_a_failing_call(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatch, "INLINE_MACS", 0)  # every batch goes to a worker
+    release = threading.Event()
+    compute = core.predict_batch
+
+    def held(queries: Any) -> Any:
+        release.wait(10)
+        return compute(queries)
+
+    monkeypatch.setattr(core, "predict_batch", held)
+    dispatcher = Dispatcher(core)
+    seen: list[int] = []
+
+    async def run() -> None:
+        answered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        dispatcher.submit_predict("m", rows(2), answered.set_result)
+        await asyncio.sleep(0.01)
+        seen.append(dispatcher.working)
+        release.set()
+        assert isinstance(await answered, Prediction)
+        with pytest.raises(ZeroDivisionError):
+            await dispatcher.offload(lambda: 1 / 0)
+        await asyncio.sleep(0)
+        seen.append(dispatcher.working)
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
+        dispatcher.close()
+    assert seen == [1, 0]
+
+
+def test_busy_poll_keeps_the_loop_turning_for_its_window() -> None:
+    async def run() -> tuple[int, float, int]:
+        poll = dispatch.BusyPoll(0.02, lambda: True)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        poll.touch()
+        poll.touch()  # a touch while polling extends the window, with one poller
+        await asyncio.sleep(0.05)
+        polled = poll.turns
+        await asyncio.sleep(0.02)
+        return polled, loop.time() - start, poll.turns
+
+    polled, elapsed, later = asyncio.run(run())
+    assert polled > 100  # turned without sleeping, for ~20 ms
+    assert later == polled  # and stopped after the window
+    assert elapsed >= 0.07
+
+
+def test_busy_poll_is_off_at_zero_and_yields_to_workers() -> None:
+    async def run() -> tuple[int, int]:
+        off = dispatch.BusyPoll(0.0, lambda: True)
+        off.touch()
+        working = dispatch.BusyPoll(0.05, lambda: False)
+        working.touch()
+        await asyncio.sleep(0.02)
+        return off.turns, working.turns
+
+    assert asyncio.run(run()) == (0, 0)
