@@ -71,12 +71,13 @@ class Settings(BaseSettings):
         "predictions); beyond, RESOURCE_EXHAUSTED / 429 (too busy).",
     )
     busy_poll_us: int = Field(
-        300,
+        1000,
         ge=0,
         le=1_000_000,
-        description="After answering a REST prediction, the event loop polls for the next "
-        "request this many microseconds before it sleeps, unless worker threads compute: a "
-        "sleeping core loses its caches (0: off).",
+        description="After a prediction request, the event loop polls for the next one this "
+        "many microseconds before it sleeps, unless worker threads are computing: a core "
+        "that sleeps loses its caches (costs up to this much CPU after the last request; "
+        "0: off).",
     )
     max_params: int = Field(50_000_000, ge=1, description="Most parameters in one model.")
     default_retain: int = Field(10, ge=1, description="Versions kept per model unless set.")

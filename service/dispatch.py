@@ -50,6 +50,9 @@ LONE_MACS = 1 << 20
 #: Rows in one batched forward pass (a single larger query still runs, alone).
 DEFAULT_BATCH_ROWS = 256
 
+#: Seconds the event loop polls after a prediction request before it sleeps (see BusyPoll).
+DEFAULT_BUSY_POLL = 0.001
+
 
 def default_threads() -> int:
     """One worker per core (at least 2, so that a long step never blocks everything else);
@@ -283,12 +286,13 @@ class BusyPoll:
 
     NOTE: on this 2-core VM a core that sleeps loses its caches: model A's single-row forward
     pass took 47-71 us back to back, 63-116 us after sleeping 0.1 ms and 49-83 us after
-    spinning 0.1 ms instead; the rest of a request's path (the interpreter, the network stack)
-    cools alike. With wrk at concurrency 1, polling 300 us after each REST prediction raised
-    the server's throughput 12-18% at the same CPU per request. Polling costs a core for at
-    most ``window`` after the last request, and it yields to worker threads: the loop would
-    take the GIL between a training step's matrix products, so ``quiet`` (no call in a
-    worker) must hold.
+    spinning 0.1 ms instead, and the rest of a request's path (the interpreter, gRPC, the
+    network stack) cools alike. Polling for 1 ms after each prediction, at concurrency 1:
+    REST (wrk) 3,800-3,900 -> 4,250-4,400 req/s; gRPC p50 830-920 -> 670-680 us. A 0.3 ms
+    window was too short for gRPC, whose next call reaches the loop ~0.5 ms after the answer
+    leaves. The cost is a core for at most ``window`` after the last request. The loop yields
+    to worker threads: polling, it would take the GIL between a training step's matrix
+    products, so ``quiet`` (no call in a worker) must hold.
     """
 
     def __init__(self, window: float, quiet: Callable[[], bool]) -> None:
@@ -329,6 +333,7 @@ class Dispatcher:
         batch_rows: int = DEFAULT_BATCH_ROWS,
         max_queued_rows: int = DEFAULT_QUEUED_ROWS,
         max_pending_calls: int = DEFAULT_PENDING_CALLS,
+        busy_poll: float = DEFAULT_BUSY_POLL,
     ) -> None:
         self.core = core
         self.threads = threads or default_threads()
@@ -345,6 +350,8 @@ class Dispatcher:
         )
         self.max_pending_calls = max(1, max_pending_calls)
         self._pending = 0
+        #: After each prediction request, the loop polls instead of sleeping (see BusyPoll).
+        self.busy_poll = BusyPoll(busy_poll, lambda: not self.working)
 
     def _track(self, future: asyncio.Future[Any]) -> None:
         """Count ``future``'s call in ``working`` until it is done."""
@@ -387,6 +394,7 @@ class Dispatcher:
         """Predict, answering through ``done`` (batched with predictions that arrive in the
         same turn of the loop); raises at once for a request that is wrong by itself (unknown
         model, bad inputs...), before anything is queued."""
+        self.busy_poll.touch()
         self._submit(self.core.prepare_predict(name, inputs, version=version, label=label), done)
 
     async def predict(self, name: str, inputs: Any, **source: Any) -> Prediction:
@@ -396,6 +404,7 @@ class Dispatcher:
         it to batch it with others gathers nothing and costs two more turns (measured: p50
         +20%); REST's hot path sees every request of one wake-up first and submits instead.
         """
+        self.busy_poll.touch()
         query = self.core.prepare_predict(name, inputs, **source)
         result = self.batcher.now(query) if query.ready else None
         if result is None:

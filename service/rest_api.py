@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import errors, tensors
 from service.auth import Authenticator, Principal
 from service.core import Core, ModelInfo, Prediction, VersionInfo
-from service.dispatch import BusyPoll, Dispatcher
+from service.dispatch import Dispatcher
 from service.logs import new_request_id
 from service.metrics import Metrics
 from service.rest_schemas import (
@@ -206,10 +206,8 @@ class PredictHotPath:
         *,
         max_body: int,
         max_elements: int,
-        busy_poll: BusyPoll | None = None,
     ) -> None:
         self.max_body = max_body
-        self.busy_poll = busy_poll
         self.dispatcher = dispatcher
         self.auth = auth
         self.metrics = metrics
@@ -244,8 +242,6 @@ class PredictHotPath:
             self.metrics.observe(
                 "Predict", "rest", _STATUS_TEXT[status], time.perf_counter() - start
             )
-            if self.busy_poll is not None:
-                self.busy_poll.touch()
 
         try:
             self.auth.authorize(authorization, "Predict")

@@ -27,7 +27,7 @@ from service import errors
 from service.auth import Authenticator, load_tokens
 from service.config import Settings
 from service.core import Core, Limits
-from service.dispatch import BusyPoll, Dispatcher
+from service.dispatch import Dispatcher
 from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, build_server
 from service.http_fast import protocol_class
 from service.metrics import Metrics
@@ -151,6 +151,7 @@ async def start(settings: Settings) -> Server:
         batch_rows=settings.batch_rows,
         max_queued_rows=settings.max_queued_rows,
         max_pending_calls=settings.max_pending_calls,
+        busy_poll=settings.busy_poll_us / 1e6,
     )
     adapter = ModelServiceAdapter(dispatcher, auth, metrics, limits.max_elements)
     grpc_server, health = build_server(adapter, max_message_bytes=settings.max_message_bytes)
@@ -180,7 +181,6 @@ async def start(settings: Settings) -> Server:
         metrics,
         max_body=settings.max_message_bytes,
         max_elements=limits.max_elements,
-        busy_poll=BusyPoll(settings.busy_poll_us / 1e6, lambda: not dispatcher.working),
     )
     config = uvicorn.Config(
         app,

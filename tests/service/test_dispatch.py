@@ -473,3 +473,39 @@ def test_busy_poll_is_off_at_zero_and_yields_to_workers() -> None:
         return off.turns, working.turns
 
     assert asyncio.run(run()) == (0, 0)
+
+
+def test_predictions_start_the_busy_poll_unless_a_worker_computes(core: Core) -> None:
+    polling = Dispatcher(core, busy_poll=0.01)
+    off = Dispatcher(core, busy_poll=0.0)
+    release = threading.Event()
+
+    async def run() -> tuple[int, int, int, int]:
+        await polling.predict("m", rows(1))  # the gRPC way
+        await asyncio.sleep(0.02)
+        after_predict = polling.busy_poll.turns
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        polling.submit_predict("m", rows(1), done.set_result)  # the REST way
+        await done
+        await asyncio.sleep(0.02)
+        after_submit = polling.busy_poll.turns
+        held = asyncio.ensure_future(polling.offload(release.wait, 10))
+        await asyncio.sleep(0)
+        await polling.predict("m", rows(1))
+        await asyncio.sleep(0.02)
+        while_working = polling.busy_poll.turns - after_submit
+        release.set()
+        await held
+        await off.predict("m", rows(1))
+        await asyncio.sleep(0.02)
+        return after_predict, after_submit - after_predict, while_working, off.busy_poll.turns
+
+    try:
+        after_predict, after_submit, while_working, switched_off = asyncio.run(run())
+    finally:
+        release.set()
+        polling.close()
+        off.close()
+    assert after_predict > 10 and after_submit > 10
+    assert while_working == 0
+    assert switched_off == 0
