@@ -140,3 +140,15 @@ def test_exposure_beyond_loopback_needs_tokens_or_insecure() -> None:
     _check_exposure(wide, Authenticator({"0123456789abcdef": "admin"}))
     _check_exposure(Settings(rest_host="0.0.0.0", insecure=True), Authenticator({}))
     _check_exposure(Settings(), Authenticator({}))
+
+
+def test_dispatch_defaults_are_stated_once_in_value() -> None:
+    # NOTE: service.config restates the dispatcher's defaults rather than importing
+    # service.dispatch (which would load numpy and the core with every settings read).
+    from service import dispatch  # noqa: PLC0415
+
+    settings = Settings()
+    assert settings.batch_rows == dispatch.DEFAULT_BATCH_ROWS
+    assert settings.max_queued_rows == dispatch.DEFAULT_QUEUED_ROWS
+    assert settings.max_pending_calls == dispatch.DEFAULT_PENDING_CALLS
+    assert settings.busy_poll_us / 1e6 == dispatch.DEFAULT_BUSY_POLL
