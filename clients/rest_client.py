@@ -6,6 +6,7 @@ httpx, with the same methods and return types as the gRPC clients.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ssl
 from collections.abc import AsyncIterable, Iterable
@@ -66,17 +67,17 @@ def transport_error(exc: httpx.HTTPError) -> errors.ClientError:
     return errors.Unavailable(f"cannot reach the server: {exc}")
 
 
-def tensor_json(value: Any) -> Any:
-    """A tensor for a JSON body: {data, shape, dtype} keeps the dtype across JSON."""
+#: How tensors travel in JSON bodies: "base64" (the bytes, base64-encoded, with shape and
+#: dtype: exact, and far cheaper to encode and decode) or "json" (numbers written out).
+TENSOR_ENCODINGS = ("base64", "json")
+
+
+def tensor_json(value: Any, encoding: str = "base64") -> Any:
+    """A tensor for a JSON body: {b64, shape, dtype} or {data, shape, dtype}, which keep the
+    dtype across JSON."""
     array = as_array(value)
     if array.dtype.kind not in "biuf":
         raise errors.InvalidArgument(f"cannot send an array of dtype {array.dtype}")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        # NOTE: JSON has no NaN or Infinity; they would arrive as null and read as garbage.
-        raise errors.InvalidArgument(
-            "the tensor contains a non-finite value (NaN or Inf), "
-            "which JSON cannot carry and the model would refuse"
-        )
     if array.dtype.kind == "b":
         array = array.astype(np.float32)
     dtype = {
@@ -84,7 +85,27 @@ def tensor_json(value: Any) -> Any:
         "i": "int64" if array.dtype.itemsize > 4 else "int32",
         "u": "int64",
     }[array.dtype.kind]
+    if encoding == "base64":
+        if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+            raise errors.InvalidArgument("values out of the range of int64")
+        data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+        text = base64.b64encode(data.tobytes()).decode("ascii")
+        return {"b64": text, "shape": list(array.shape), "dtype": dtype}
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # NOTE: JSON has no NaN or Infinity; they would arrive as null and read as garbage.
+        raise errors.InvalidArgument(
+            "the tensor contains a non-finite value (NaN or Inf), "
+            "which JSON cannot carry and the model would refuse"
+        )
     return {"data": array.reshape(-1), "shape": list(array.shape), "dtype": dtype}
+
+
+def _encoding(tensor_encoding: str) -> str:
+    if tensor_encoding not in TENSOR_ENCODINGS:
+        raise ValueError(
+            f"tensor_encoding must be one of {', '.join(TENSOR_ENCODINGS)}, got {tensor_encoding!r}"
+        )
+    return tensor_encoding
 
 
 def dumps(body: Any) -> bytes:
@@ -118,10 +139,12 @@ def _settings(retain: int | None, autosave_every: int | None) -> dict[str, int]:
     return {k: v for k, v in settings.items() if v is not None}
 
 
-def _predict_body(inputs: Any, version: int | None, label: str | None) -> dict[str, Any]:
+def _predict_body(
+    inputs: Any, version: int | None, label: str | None, encoding: str
+) -> dict[str, Any]:
     if version is not None and label is not None:
         raise errors.InvalidArgument("give a version or a label, not both")
-    body: dict[str, Any] = {"inputs": tensor_json(inputs)}
+    body: dict[str, Any] = {"inputs": tensor_json(inputs, encoding)}
     if version is not None:
         body["version"] = version
     if label is not None:
@@ -129,8 +152,10 @@ def _predict_body(inputs: Any, version: int | None, label: str | None) -> dict[s
     return body
 
 
-def _step_body(inputs: Any, targets: Any, learning_rate: float | None) -> dict[str, Any]:
-    body = {"inputs": tensor_json(inputs), "targets": tensor_json(targets)}
+def _step_body(
+    inputs: Any, targets: Any, learning_rate: float | None, encoding: str
+) -> dict[str, Any]:
+    body = {"inputs": tensor_json(inputs, encoding), "targets": tensor_json(targets, encoding)}
     if learning_rate is not None:
         body["learning_rate"] = learning_rate
     return body
@@ -160,7 +185,8 @@ class RestClient:
 
     ``token`` is a bearer token; ``root_certificates`` a PEM file to trust for https;
     ``timeout`` each request's limit in seconds. Idempotent calls (predict, get, list) retry
-    on Unavailable per ``retry``.
+    on Unavailable per ``retry``. Tensors travel as base64 of their bytes unless
+    ``tensor_encoding`` is "json" (numbers written out, readable, ~6x slower to decode).
     """
 
     def __init__(
@@ -171,8 +197,10 @@ class RestClient:
         root_certificates: Path | None = None,
         timeout: float | None = 30.0,
         retry: RetryPolicy | None = None,
+        tensor_encoding: str = "base64",
     ) -> None:
         self.retry = retry or RetryPolicy()
+        self.tensor_encoding = _encoding(tensor_encoding)
         self._http = httpx.Client(**_client_options(url, token, timeout, root_certificates))
 
     def __enter__(self) -> RestClient:
@@ -231,7 +259,7 @@ class RestClient:
             self._call(
                 "POST",
                 f"/v1/models/{_segment(name)}/predict",
-                _predict_body(inputs, version, label),
+                _predict_body(inputs, version, label, self.tensor_encoding),
                 retry=True,
             )
         )
@@ -243,7 +271,7 @@ class RestClient:
             self._call(
                 "POST",
                 f"/v1/models/{_segment(name)}/train_step",
-                _step_body(inputs, targets, learning_rate),
+                _step_body(inputs, targets, learning_rate, self.tensor_encoding),
             )
         )
 
@@ -306,8 +334,10 @@ class AsyncRestClient:
         root_certificates: Path | None = None,
         timeout: float | None = 30.0,
         retry: RetryPolicy | None = None,
+        tensor_encoding: str = "base64",
     ) -> None:
         self.retry = retry or RetryPolicy()
+        self.tensor_encoding = _encoding(tensor_encoding)
         self._http = httpx.AsyncClient(**_client_options(url, token, timeout, root_certificates))
 
     async def __aenter__(self) -> AsyncRestClient:
@@ -366,7 +396,7 @@ class AsyncRestClient:
         data = await self._call(
             "POST",
             f"/v1/models/{_segment(name)}/predict",
-            _predict_body(inputs, version, label),
+            _predict_body(inputs, version, label, self.tensor_encoding),
             retry=True,
         )
         return prediction_from(data)
@@ -378,7 +408,7 @@ class AsyncRestClient:
             await self._call(
                 "POST",
                 f"/v1/models/{_segment(name)}/train_step",
-                _step_body(inputs, targets, learning_rate),
+                _step_body(inputs, targets, learning_rate, self.tensor_encoding),
             )
         )
 

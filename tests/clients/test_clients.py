@@ -98,6 +98,8 @@ def connect(kind: str, process: ServerProcess | tuple[str, str], **options: Any)
         return GrpcClient(target, **options)
     if kind == "rest":
         return RestClient(url, **options)
+    if kind == "rest-json":  # tensors as numbers written out, not base64
+        return RestClient(url, tensor_encoding="json", **options)
     if kind == "async-grpc":
         return SyncOf(lambda: AsyncGrpcClient(target, **options))
     return SyncOf(lambda: AsyncRestClient(url, **options))
@@ -196,7 +198,7 @@ def transcript(server: ServerProcess, kind: str, spec_id: str) -> dict[str, Any]
 
 
 @pytest.mark.parametrize("spec_id", list(SPECS))
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "rest-json"])
 def test_every_method_gives_identical_results_on_every_client(
     server: ServerProcess, kind: str, spec_id: str
 ) -> None:
@@ -291,10 +293,9 @@ def test_errors_are_the_clients_own_with_the_servers_message(
             assert exc.__cause__ is None, what
             assert exc.__context__ is None or exc.__suppress_context__, what
             assert message in exc.message and exc.message == str(exc), f"{what}: {exc.message!r}"
-            # The server answered (a transport status), except where the REST client refuses
-            # first: JSON cannot carry NaN, so it says so instead of sending null.
-            client_side = what == "nan input" and kind.endswith("rest")
-            assert (exc.status is None) == client_side, what
+            # The server answered (a transport status): the REST client sends tensors as
+            # their bytes (base64), NaN included, and the server refuses them.
+            assert exc.status is not None, what
         # Nothing bad changed the model.
         after = client.get_model(errs_model)
         assert after == before
@@ -312,11 +313,27 @@ def test_both_transports_carry_the_same_server_messages(
                 with pytest.raises(ClientError) as caught:
                     call(client)
                 messages[kind][what] = caught.value.message
-    # JSON has no NaN: the REST client refuses it before sending, the server over gRPC;
-    # both call it non-finite, in their own words.
-    assert "non-finite" in messages["grpc"].pop("nan input")
-    assert "non-finite" in messages["rest"].pop("nan input")
+    assert "non-finite" in messages["grpc"]["nan input"]
     assert messages["grpc"] == messages["rest"]
+
+
+def test_the_json_encoding_refuses_what_json_cannot_carry(server: ServerProcess) -> None:
+    with RestClient(server.rest_url, tensor_encoding="json") as client:
+        with pytest.raises(InvalidArgument, match="JSON cannot carry") as caught:
+            client.predict("errs", np.full((1, 5), np.nan))
+        assert caught.value.status is None  # refused before sending
+
+
+def test_tensor_encodings_are_checked_and_unsigned_values_must_fit(
+    server: ServerProcess, errs_model: str
+) -> None:
+    with pytest.raises(ValueError, match="tensor_encoding must be one of base64, json"):
+        RestClient(server.rest_url, tensor_encoding="protobuf")
+    with RestClient(server.rest_url) as client:
+        huge = np.array([[2**63, 0, 0, 0, 0]], dtype=np.uint64)
+        with pytest.raises(InvalidArgument, match="out of the range of int64") as caught:
+            client.predict(errs_model, huge)
+        assert caught.value.status is None  # refused before sending
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -515,6 +515,20 @@ def test_rest_non_finite_spec_values(wire: Wire, value: bytes) -> None:
         ({"inputs": [[1.0, 2.0, 3.0]], "version": "1"}, "version must be an integer"),
         ({"inputs": [[1.0, 2.0, 3.0]], "version": True}, "version must be an integer"),
         ({"inputs": [[1.0, 2.0, 3.0]], "label": 5}, "label must be a string"),
+        ({"inputs": {"b64": "AAAA", "shape": [1, 3], "dtype": "float32"}}, "has 3 bytes"),
+        ({"inputs": {"b64": "AA!A", "shape": [1, 1], "dtype": "float32"}}, "not valid base64"),
+        ({"inputs": {"b64": "AAAA", "shape": [1, 1]}}, "{b64, shape, dtype}"),
+        ({"inputs": {"b64": "AAAA", "shape": [1, 1], "dtype": None}}, "needs its dtype"),
+        ({"inputs": {"b64": 5, "shape": [1, 1], "dtype": "float32"}}, "b64 must be a string"),
+        ({"inputs": {"b64": "AAAA", "data": [], "shape": [1], "dtype": "int32"}}, "{b64, shape"),
+        (
+            {"inputs": {"b64": "AAAAAAAAAAAAAAAA", "shape": [1, 3], "dtype": "int32"}},
+            "floating point",
+        ),
+        (
+            {"inputs": {"b64": "AADAfwAAgD8AAIA/", "shape": [1, 3], "dtype": "float32"}},
+            "non-finite value (nan) at index (0, 0)",
+        ),
     ],
 )
 def test_rest_bad_predict_bodies(wire: Wire, body: Any, message: str) -> None:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Any
 
 import numpy as np
@@ -178,3 +181,60 @@ def test_json_non_finite_values_are_left_to_the_core() -> None:
 def test_json_integers_out_of_range_are_invalid(value: float, dtype: str) -> None:
     with pytest.raises(InvalidArgument):
         tensors.from_json([1, value], dtype=dtype, max_elements=LIMIT)
+
+
+# -- base64 tensors (REST's carrier for the bytes gRPC carries raw) -------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64"])
+def test_base64_round_trip(dtype: str) -> None:
+    array = (np.random.default_rng(1).standard_normal((3, 4)) * 100).astype(dtype)
+    text = base64.b64encode(array.astype(np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
+    back = tensors.from_base64([3, 4], dtype, text, LIMIT)
+    np.testing.assert_array_equal(back, array)
+    assert back.dtype == np.dtype(dtype)
+
+
+def test_base64_carries_what_json_numbers_cannot() -> None:
+    array = np.array([[np.nan, np.inf, -0.0, 1e-45]], dtype="<f4")
+    back = tensors.from_base64([1, 4], "float32", base64.b64encode(array.tobytes()).decode(), LIMIT)
+    assert back.tobytes() == array.tobytes()  # bit for bit; finiteness is the engine's to judge
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "data", "error", "message"),
+    [
+        ([1], "float32", "AAA", InvalidArgument, "not valid base64"),
+        ([1], "float32", "AA AA", InvalidArgument, "not valid base64"),  # no whitespace
+        ([1], "float32", "AAAA\n", InvalidArgument, "not valid base64"),
+        ([1], "float32", "AA=A", InvalidArgument, "not valid base64"),
+        ([1], "float32", "ÀÀÀÀ", InvalidArgument, "not valid base64"),
+        ([1], "float32", 1234, InvalidArgument, "b64 must be a string"),
+        ([1], None, "AAAA", InvalidArgument, "needs its dtype"),
+        ([1], 5, "AAAA", InvalidArgument, "needs its dtype"),
+        ([1], "float16", "AAA=", InvalidArgument, "unsupported dtype"),
+        ([2], "float32", "AAAA", InvalidArgument, "tensor data has 3 bytes; shape [2]"),
+        ([1], "float32", "AAAAAAAAAAA=", InvalidArgument, "has 8 bytes; shape [1] of float32"),
+        ([-1], "float32", "", InvalidArgument, "invalid dimension -1"),
+        ([10, 1000], "float32", "AAAA", ResourceExhausted, "the limit is 1,000"),
+    ],
+)
+def test_bad_base64_tensors_are_refused(
+    shape: Any, dtype: Any, data: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        tensors.from_base64(shape, dtype, data, LIMIT)
+
+
+def test_the_element_limit_is_checked_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[int] = []
+    real = binascii.a2b_base64
+
+    def counting(data: Any, **options: Any) -> bytes:
+        decoded.append(len(data))
+        return real(data, **options)
+
+    monkeypatch.setattr(binascii, "a2b_base64", counting)
+    with pytest.raises(ResourceExhausted):
+        tensors.from_base64([LIMIT + 1], "float32", "AAAA" * 1000, LIMIT)
+    assert decoded == []
