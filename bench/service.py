@@ -14,10 +14,11 @@ It starts, as child processes on ephemeral loopback ports:
   body raw and answers a small JSON.
 
 Cases: single-row and 256-row Predict over gRPC (raw float32 bytes) and REST (nested JSON
-lists) at concurrency 1, 8 and 64, each alternating with the matching echo case (three turns
-each, one with --quick) so that the host's noise hits both alike; streamed training over gRPC
-(bidirectional Train streams of batch-256 steps) against ``engine.Network.train_step`` on the
-same batches in this process, in alternating rounds.
+lists; the 256-row tensor also as base64 bytes, transport ``rest-b64``) at concurrency 1, 8
+and 64, each alternating with the matching echo case (three turns each, one with --quick) so
+that the host's noise hits both alike; streamed training over gRPC (one bidirectional Train
+stream of batch-256 steps) against ``engine.Network.train_step`` on the same batches in this
+process, in alternating rounds.
 The server's load runs twice; its resident memory (VmRSS) is read before, between and after,
 and the second run's growth must stay within 10%. The figures reported are the second run's.
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -285,6 +287,7 @@ class Payloads:
     rows: int
     grpc: bytes  # a serialized PredictRequest (float32 raw bytes)
     rest: bytes  # {"inputs": nested lists}, as JSON
+    rest_b64: bytes  # {"inputs": {b64, shape, dtype}}, as JSON
 
 
 def make_payloads(rows: int) -> Payloads:
@@ -297,7 +300,8 @@ def make_payloads(rows: int) -> Payloads:
     tensor = pb.Tensor(shape=[rows, 784], dtype=pb.DTYPE_FLOAT32, data=x.tobytes())
     grpc_bytes = pb.PredictRequest(model=MODEL, inputs=tensor).SerializeToString()
     rest_bytes = orjson.dumps({"inputs": x.tolist()})
-    return Payloads(rows, grpc_bytes, rest_bytes)
+    b64 = {"b64": base64.b64encode(x.tobytes()).decode(), "shape": [rows, 784], "dtype": "float32"}
+    return Payloads(rows, grpc_bytes, rest_bytes, orjson.dumps({"inputs": b64}))
 
 
 def train_batches(steps: int) -> tuple[list[Any], list[Any], list[bytes]]:
@@ -770,9 +774,10 @@ async def run_load(
                     if taken:
                         op = "predict" if who == "server" else "echo"
                         results.append(row("grpc", op, rows, conc, summarize(merge(taken))))
-        # REST predict
-        for rows in ROWS:
-            payload = payloads[rows]
+        # REST predict: nested lists, and the 256-row tensor as base64 bytes too
+        rest_cases = [("rest", rows, payloads[rows].rest) for rows in ROWS]
+        rest_cases.append(("rest-b64", 256, payloads[256].rest_b64))
+        for transport, rows, body in rest_cases:
             for conc in CONCURRENCY:
                 budget = plan.predict[rows] if rows == 1 else plan.rest_256
                 cases = [("server", server, f"/v1/models/{MODEL}/predict")]
@@ -786,25 +791,15 @@ async def run_load(
                         share = budget.share(plan.alternations, first=turn == 0)
                         if wrk and rows == 1:
                             sample = await asyncio.to_thread(
-                                wrk_load,
-                                wrk,
-                                work,
-                                port,
-                                path,
-                                payload.rest,
-                                conc,
-                                share,
-                                child.pid,
+                                wrk_load, wrk, work, port, path, body, conc, share, child.pid
                             )
                         else:
-                            sample = await rest_load(
-                                port, path, payload.rest, conc, share, child.pid
-                            )
+                            sample = await rest_load(port, path, body, conc, share, child.pid)
                         samples[who].append(sample)
                 for who, taken in samples.items():
                     if taken:
                         op = "predict" if who == "server" else "echo"
-                        results.append(row("rest", op, rows, conc, summarize(merge(taken))))
+                        results.append(row(transport, op, rows, conc, summarize(merge(taken))))
         # streamed training against the engine in this process
         await quiesce(server.pid)
         trained = await compare_training(
