@@ -20,7 +20,8 @@ that the host's noise hits both alike; streamed training over gRPC (one bidirect
 stream of batch-256 steps) against ``engine.Network.train_step`` on the same batches in this
 process, in alternating rounds.
 The server's load runs twice; its resident memory (VmRSS) is read before, between and after,
-and the second run's growth must stay within 10%. The figures reported are the second run's.
+each time after 2 s of idling (the server trims its heap after 1 s without requests), and the
+second run's growth must stay within 10%. The figures reported are the second run's.
 
 Load generation is cheap on purpose (the host has 2 cores, shared with the server): gRPC
 goes through one grpc.aio channel with pre-serialized request bytes and undecoded replies;
@@ -178,6 +179,14 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+async def settled_rss_kib(pid: int) -> int:
+    """VmRSS once the server has idled long enough to hand freed memory back (it trims its
+    heap after 1 s without requests; see service.memory)."""
+    await quiesce(pid)
+    await asyncio.sleep(2.0)
+    return rss_kib(pid)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -961,11 +970,11 @@ async def benchmark(
             echoes[kind] = start_echo(kind, work)
             children.append(echoes[kind])
         await create_model(server)
-        before = rss_kib(server.pid)
+        before = await settled_rss_kib(server.pid)
         await run_load(plan, server, None, payloads, train, wrk, work)
-        after_1 = rss_kib(server.pid)
+        after_1 = await settled_rss_kib(server.pid)
         results = await run_load(plan, server, echoes, payloads, train, wrk, work)
-        after_2 = rss_kib(server.pid)
+        after_2 = await settled_rss_kib(server.pid)
     finally:
         for child in reversed(children):
             child.stop()

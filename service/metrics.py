@@ -69,6 +69,8 @@ class Metrics:
             registry=r,
         )
         self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        #: Requests answered, on both transports (a cheap sign of activity).
+        self.answered = 0
         self._prediction_children: dict[str, tuple[Any, Any]] = {}
         self.versions = Gauge(
             "propserve_model_versions", "Saved versions on disk.", ["model"], registry=r
@@ -77,6 +79,7 @@ class Metrics:
     def observe(self, method: str, transport: str, code: str, seconds: float) -> None:
         # NOTE: labels() costs a few microseconds per call (a lock and a dict lookup); the
         # labelled children are cached here, once per (method, transport, code).
+        self.answered += 1
         key = (method, transport, code)
         children = self._request_children.get(key)
         if children is None:

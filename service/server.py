@@ -30,6 +30,7 @@ from service.core import Core, Limits
 from service.dispatch import Dispatcher
 from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, build_server
 from service.http_fast import protocol_class
+from service.memory import IdleTrim, malloc_trim
 from service.metrics import Metrics
 from service.rest_api import PredictHotPath, create_app
 from service.store import ModelStore
@@ -65,6 +66,7 @@ class Server:
     ready: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     adapter: ModelServiceAdapter | None = None
+    trim_task: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
         """Drain and stop (idempotent)."""
@@ -72,6 +74,8 @@ class Server:
             return
         log.info("server.draining grace_seconds=%s", self.settings.grace_seconds)
         self.ready = False
+        if self.trim_task is not None:
+            self.trim_task.cancel()
         await self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
         loop = asyncio.get_running_loop()
         grace = self.settings.grace_seconds
@@ -214,6 +218,10 @@ async def start(settings: Settings) -> Server:
     server.rest_port = rest.servers[0].sockets[0].getsockname()[1]
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    trim = malloc_trim()
+    if trim is not None:
+        idle = IdleTrim(lambda: metrics.answered, lambda: not dispatcher.working, trim)
+        server.trim_task = asyncio.create_task(idle.run())
     server.ready = True
     if settings.ready_file is not None:
         _write_ready_file(settings.ready_file, server)

@@ -1,0 +1,78 @@
+"""Giving freed heap memory back to the operating system once a burst of requests is over.
+
+A burst of large requests (64 concurrent 256-row JSON predictions hold ~4 MB of body and ~6
+MB of Python numbers each) leaves glibc's heap holding the freed memory: freed blocks in the
+middle of the heap stay resident until ``malloc_trim`` hands their pages back, and glibc
+only trims the top of the heap by itself. Measured with the service benchmark's two
+identical loads, the server's resident memory after the second ranged from -13% to +11% of
+that after the first without trimming, with the live memory unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("propserve.memory")
+
+#: Seconds without a request (and with no call in a worker) before memory is trimmed.
+IDLE_SECONDS = 1.0
+
+
+def malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, or None where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+class IdleTrim:
+    """Calls ``release`` (in a thread) once per burst: when ``activity()`` has not changed
+    for ``idle`` seconds, and ``quiet()`` holds, after it changed since the last release."""
+
+    def __init__(
+        self,
+        activity: Callable[[], int],
+        quiet: Callable[[], bool],
+        release: Callable[[], object],
+        idle: float = IDLE_SECONDS,
+    ) -> None:
+        self._activity = activity
+        self._quiet = quiet
+        self._release = release
+        self._idle = idle
+        self._seen = self._released = activity()
+        #: Releases done so far.
+        self.releases = 0
+
+    def due(self) -> bool:
+        """One look (run() takes one every ``idle`` seconds): True when the burst seen is
+        over and its memory not yet released."""
+        now, quiet = self._activity(), self._quiet()
+        if now != self._seen or not quiet:
+            # Still busy: release only after a whole interval without requests or work
+            # (activity counts from 0, so -1 makes the next look see a change).
+            self._seen = now if quiet else -1
+            return False
+        if now == self._released:
+            return False
+        self._released = now
+        return True
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        while True:
+            await asyncio.sleep(self._idle)
+            if not self.due():
+                continue
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._release)
+            except Exception:  # never fatal: the memory just stays with the process
+                log.exception("memory.trim_failed")
+            self.releases += 1

@@ -1,0 +1,69 @@
+"""service.memory: the heap is trimmed once per burst of requests, when the server idles."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from service.memory import IdleTrim, malloc_trim
+
+
+def looks(steps: list[tuple[int, bool]]) -> list[bool]:
+    """IdleTrim.due() at each look, with (activity, quiet) as given before it."""
+    state = [0, True]
+    trim = IdleTrim(lambda: int(state[0]), lambda: bool(state[1]), lambda: None)
+    out = []
+    for count, calm in steps:
+        state[:] = [count, calm]
+        out.append(trim.due())
+    return out
+
+
+def test_nothing_is_released_without_activity() -> None:
+    assert looks([(0, True)] * 3) == [False, False, False]
+
+
+def test_one_release_per_burst_once_idle() -> None:
+    steps = [(1, True), (5, True), (5, True), (5, True), (6, True), (6, True), (6, True)]
+    assert looks(steps) == [False, False, True, False, False, True, False]
+
+
+def test_no_release_while_a_worker_computes() -> None:
+    steps = [(1, True), (1, False), (1, False), (1, True), (1, True)]
+    assert looks(steps) == [False, False, False, False, True]
+
+
+def test_run_releases_in_a_thread_and_survives_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[str] = []
+
+    def fail() -> None:
+        calls.append("release")
+        raise OSError("no")
+
+    async def main() -> tuple[int, bool]:
+        activity = [0]
+        trim = IdleTrim(lambda: activity[0], lambda: True, fail, 0.005)
+        task = asyncio.create_task(trim.run())
+        activity[0] = 1  # a burst
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if trim.releases:
+                break
+        alive = not task.done()
+        task.cancel()
+        return trim.releases, alive
+
+    assert asyncio.run(main()) == (1, True)
+    assert calls == ["release"]
+    assert "memory.trim_failed" in caplog.text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_malloc_trim_is_found_and_callable_here() -> None:
+    trim = malloc_trim()
+    assert trim is not None
+    assert trim() in (0, 1)  # 1: memory was released, 0: there was none to release
