@@ -61,9 +61,8 @@ def rows(n: int, seed: int = 0) -> np.ndarray[Any, Any]:
 
 def passes(core: Core, model: str = "m") -> tuple[int, float]:
     """(forward passes, rows computed) from the batch-size histogram."""
-    histogram = core.metrics.batch_rows.labels(model)
-    count = sum(bucket.get() for bucket in histogram._buckets)
-    return int(count), float(histogram._sum.get())
+    count, rows = core.metrics.passes(model)
+    return count, float(rows)
 
 
 def submit_all(dispatcher: Dispatcher, requests: list[dict[str, Any]]) -> list[Any]:

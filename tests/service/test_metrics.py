@@ -1,0 +1,109 @@
+"""service.metrics: the per-request families, kept as plain numbers, render exactly as
+prometheus_client's own Counter and Histogram render the same observations."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from service.metrics import BATCH_ROWS_BUCKETS, LATENCY_BUCKETS, Metrics
+
+OBSERVATIONS = 400
+
+
+def observations(seed: int) -> list[tuple[str, str, str, float, str, int, int]]:
+    r = random.Random(seed)
+    out = []
+    for _ in range(OBSERVATIONS):
+        seconds = r.choice([*LATENCY_BUCKETS, 0.0, 1e-5, 0.00021, 11.0, r.random()])
+        out.append(
+            (
+                r.choice(["Predict", "TrainStep", "Train"]),
+                r.choice(["rest", "grpc"]),
+                r.choice(["200", "OK", "400", "INVALID_ARGUMENT"]),
+                seconds,
+                r.choice(["a", "b", "c"]),
+                r.randint(1, 9),
+                r.choice([*BATCH_ROWS_BUCKETS, 3, 300, 5000]),
+            )
+        )
+    return out
+
+
+def reference(seen: list[tuple[str, str, str, float, str, int, int]]) -> str:
+    registry = CollectorRegistry()
+    requests = Counter(
+        "propserve_requests",
+        "Requests answered.",
+        ["method", "transport", "code"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "propserve_request_seconds",
+        "Time to answer a request.",
+        ["method", "transport"],
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    predictions = Counter("propserve_predictions", "Rows predicted.", ["model"], registry=registry)
+    batch_rows = Histogram(
+        "propserve_predict_batch_rows",
+        "Rows per forward pass of batched predictions.",
+        ["model"],
+        buckets=BATCH_ROWS_BUCKETS,
+        registry=registry,
+    )
+    for method, transport, code, seconds, model, rows, batch in seen:
+        requests.labels(method, transport, code).inc()
+        latency.labels(method, transport).observe(seconds)
+        predictions.labels(model).inc(rows)
+        batch_rows.labels(model).observe(batch)
+    predictions.remove("b")
+    batch_rows.remove("b")
+    return generate_latest(registry).decode()
+
+
+def lines(text: str, names: tuple[str, ...]) -> list[str]:
+    return sorted(
+        line for line in text.splitlines() if line.startswith(names) and "_created" not in line
+    )
+
+
+def test_hot_families_render_as_prometheus_client_would() -> None:
+    seen = observations(1)
+    metrics = Metrics()
+    for method, transport, code, seconds, model, rows, batch in seen:
+        metrics.observe(method, transport, code, seconds)
+        metrics.predicted(model, rows, batch)
+    metrics.forget_model("b")
+    names = ("propserve_requests", "propserve_request_seconds", "propserve_predict")
+    ours = lines(metrics.render().decode(), names)
+    assert ours == lines(reference(seen), names)
+    assert len(ours) > 100
+    assert metrics.answered == OBSERVATIONS
+    count, rows = metrics.passes("a")
+    assert count == sum(1 for s in seen if s[4] == "a")
+    assert rows == sum(s[6] for s in seen if s[4] == "a")
+    assert metrics.passes("b") == (0, 0)
+
+
+def test_updates_from_many_threads_are_all_counted() -> None:
+    metrics = Metrics()
+
+    def work() -> None:
+        for _ in range(2000):
+            metrics.predicted("a", 1, 1)
+            metrics.observe("Predict", "grpc", "OK", 0.001)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert metrics.passes("a") == (8000, 8000)
+    assert metrics.answered == 8000
+    assert 'propserve_requests_total{code="OK",method="Predict",transport="grpc"} 8000.0' in (
+        metrics.render().decode()
+    )
