@@ -30,7 +30,7 @@ from service.core import Core, Limits
 from service.dispatch import Dispatcher
 from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, build_server
 from service.http_fast import protocol_class
-from service.memory import IdleTrim, malloc_trim
+from service.memory import IdleTrim, collect_and_trim, malloc_trim
 from service.metrics import Metrics
 from service.rest_api import PredictHotPath, create_app
 from service.store import ModelStore
@@ -220,7 +220,9 @@ async def start(settings: Settings) -> Server:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     trim = malloc_trim()
     if trim is not None:
-        idle = IdleTrim(lambda: metrics.answered, lambda: not dispatcher.working, trim)
+        idle = IdleTrim(
+            lambda: metrics.answered, lambda: not dispatcher.working, collect_and_trim(trim)
+        )
         server.trim_task = asyncio.create_task(idle.run())
     server.ready = True
     if settings.ready_file is not None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 
 import pytest
 
-from service.memory import IdleTrim, malloc_trim
+from service.memory import IdleTrim, collect_and_trim, limit_arenas, malloc_trim
 
 
 def looks(steps: list[tuple[int, bool]]) -> list[bool]:
@@ -67,3 +68,27 @@ def test_malloc_trim_is_found_and_callable_here() -> None:
     trim = malloc_trim()
     assert trim is not None
     assert trim() in (0, 1)  # 1: memory was released, 0: there was none to release
+
+
+def test_a_release_collects_garbage_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def collect() -> int:
+        calls.append("collect")
+        return 0
+
+    def trim() -> int:
+        calls.append("trim")
+        return 1
+
+    monkeypatch.setattr(gc, "collect", collect)
+    assert collect_and_trim(trim)() == 1
+    assert calls == ["collect", "trim"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_arenas_are_capped_unless_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert limit_arenas(8) is True  # glibc's own cap on 64-bit: 8 per core; harmless here
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_arenas() is False
