@@ -41,13 +41,18 @@ BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
 class _Histogram:
-    """Counts per bucket (the last one +Inf) and the sum of the values observed."""
+    """Counts per bucket of ``bounds`` (the last one +Inf) and the sum of the values seen."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self, buckets: int) -> None:
-        self.counts = [0] * (buckets + 1)
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value
+        self.total += value
 
 
 class _HotFamilies(Collector):
@@ -154,9 +159,8 @@ class Metrics:
             hot.requests[key] = hot.requests.get(key, 0) + 1
             histogram = hot.latency.get((method, transport))
             if histogram is None:
-                histogram = hot.latency[method, transport] = _Histogram(len(LATENCY_BUCKETS))
-            histogram.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            histogram.total += seconds
+                histogram = hot.latency[method, transport] = _Histogram(LATENCY_BUCKETS)
+            histogram.observe(seconds)
 
     def predicted(self, model: str, rows: int, batch_rows: int) -> None:
         """``rows`` answered by one forward pass over ``batch_rows``."""
@@ -165,9 +169,8 @@ class Metrics:
             hot.predictions[model] = hot.predictions.get(model, 0) + rows
             histogram = hot.batch_rows.get(model)
             if histogram is None:
-                histogram = hot.batch_rows[model] = _Histogram(len(BATCH_ROWS_BUCKETS))
-            histogram.counts[bisect_left(BATCH_ROWS_BUCKETS, batch_rows)] += 1
-            histogram.total += batch_rows
+                histogram = hot.batch_rows[model] = _Histogram(BATCH_ROWS_BUCKETS)
+            histogram.observe(batch_rows)
 
     def passes(self, model: str) -> tuple[int, int]:
         """(forward passes, rows computed) for ``model``'s predictions so far."""

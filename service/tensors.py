@@ -48,14 +48,27 @@ def check_shape(shape: Any, max_elements: int) -> tuple[int, ...]:
 
 def from_bytes(shape: Any, dtype: str, data: bytes, max_elements: int) -> NDArray[Any]:
     """A read-only array viewing ``data`` (little-endian, row-major)."""
+    return _view(data, dtype, *_layout(shape, dtype, max_elements))
+
+
+Layout = tuple[tuple[int, ...], np.dtype[Any], int]
+
+
+def _layout(shape: Any, dtype: Any, max_elements: int) -> Layout:
+    """(dims, numpy dtype, byte count) of a tensor of ``shape`` and ``dtype``."""
     dims = check_shape(shape, max_elements)
     if dtype not in DTYPES:
         raise InvalidArgument(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     np_dtype = DTYPES[dtype]
-    expected = math.prod(dims) * np_dtype.itemsize
+    return dims, np_dtype, math.prod(dims) * np_dtype.itemsize
+
+
+def _view(
+    data: bytes, name: str, dims: tuple[int, ...], np_dtype: np.dtype[Any], expected: int
+) -> NDArray[Any]:
     if len(data) != expected:
         raise InvalidArgument(
-            f"tensor data has {len(data)} bytes; shape {list(dims)} of {dtype} needs {expected}"
+            f"tensor data has {len(data)} bytes; shape {list(dims)} of {name} needs {expected}"
         )
     return np.frombuffer(data, dtype=np_dtype).reshape(dims)
 
@@ -79,12 +92,12 @@ def from_base64(shape: Any, dtype: Any, data: Any, max_elements: int) -> NDArray
         )
     if not isinstance(data, str):
         raise InvalidArgument("b64 must be a string of base64")
-    check_shape(shape, max_elements)  # before decoding anything
+    layout = _layout(shape, dtype, max_elements)  # before decoding anything
     try:
         raw = binascii.a2b_base64(data, strict_mode=True)
     except (binascii.Error, ValueError) as exc:  # ValueError: not ASCII
         raise InvalidArgument(f"b64 is not valid base64: {exc}") from None
-    return from_bytes(shape, dtype, raw, max_elements)
+    return _view(raw, dtype, *layout)
 
 
 def from_json(
