@@ -35,6 +35,7 @@ from engine.initializers import INITIALIZERS
 from engine.inputs import check_inputs, check_targets
 from engine.losses import FUSED, LOSSES, accuracy
 from engine.optimizers import Optimizer, make_optimizer
+from engine.rowsplit import rows_per_call
 from engine.spec import ModelSpec
 
 Array = NDArray[Any]
@@ -99,6 +100,7 @@ def forward(spec: ModelSpec, params: Params, x: Array) -> Array:
 
     Returns (batch, outputs): probabilities for the cross-entropy losses, the output
     activation otherwise. Pure and allocation-only, so any number of threads may call it.
+    Batches of a few rows may be multiplied a few rows at a time (see engine.rowsplit).
     """
     a = x
     last = len(spec.layers) - 1
@@ -108,10 +110,16 @@ def forward(spec: ModelSpec, params: Params, x: Array) -> Array:
         for i, (w, b, layer) in enumerate(
             zip(params.weights, params.biases, spec.layers, strict=False)
         ):
-            if a.shape[0] == 1:
+            rows = a.shape[0]
+            per_call = rows_per_call(rows, *w.shape)
+            if rows == 1:
                 z = a @ w  # one row: both orders, and one call fewer
+            elif per_call < rows:
+                z = np.empty((rows, w.shape[1]), dtype=w.dtype)
+                for start in range(0, rows, per_call):
+                    np.matmul(a[start : start + per_call], w, out=z[start : start + per_call])
             else:
-                z = np.empty((a.shape[0], w.shape[1]), dtype=w.dtype, order=_order(i, last))
+                z = np.empty((rows, w.shape[1]), dtype=w.dtype, order=_order(i, last))
                 np.matmul(a, w, out=z)
             z += b
             if layer.activation != "identity":
