@@ -9,7 +9,8 @@ measured on this project's development machine (OpenBLAS 0.3.31, one thread, flo
 [784, 512, 256, 10]'s forward pass 58 us for 2 rows and 180 us for 3. Cut into calls of at most
 2 rows, 3-12 rows took 1.3-2x less time (88 us for 3 rows, 229 us for 12 instead of 297); from
 8 calls up, packing once was cheaper again (16 rows: 272 us packed, 298 us cut). float64
-follows the same limit.
+follows the same limit. ``bench/small_batches.py`` measures the rule against one call per
+layer.
 
 The rule is a pure function of the shapes and of which BLAS this process loaded, so every
 process with the same libraries computes a prediction the same way, to the bit. Other BLAS
@@ -25,6 +26,11 @@ SMALL_MNK = 1_000_000
 
 #: Cut a product into at most this many calls; beyond it, one packed product is cheaper.
 MAX_CALLS = 6
+
+#: At most this many calls of one row each (matrix-vector products, for layers too large for
+#: the small kernels): each reads the whole matrix. NOTE: measured on C=[1024,2048,2048,1024,
+#: 10], float64: 4 rows one at a time 1.12x faster than packed, 6 rows 0.92x.
+MAX_ROW_CALLS = 4
 
 #: OpenBLAS core names (``openblas_get_corename``) whose builds have small-matrix kernels.
 _SMALL_KERNEL_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
@@ -61,6 +67,6 @@ def rows_per_call(rows: int, n_in: int, n_out: int, *, small: bool | None = None
     # NOTE: a single row is a matrix-vector product, which never packs, so layers too large
     # for the small kernels still gain from one call per row while there are few rows.
     per_call = max(1, SMALL_MNK // size)
-    if -(-rows // per_call) > MAX_CALLS:
+    if -(-rows // per_call) > (MAX_ROW_CALLS if per_call == 1 else MAX_CALLS):
         return rows
     return per_call
