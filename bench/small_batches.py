@@ -55,7 +55,7 @@ def _network(arch: list[int], dtype: str) -> Network:
     return Network(ModelSpec.from_dict(spec))
 
 
-def _one_call(rows: int, n_in: int, n_out: int) -> int:
+def _one_call(rows: int, n_in: int, n_out: int, itemsize: int) -> int:
     return rows
 
 
@@ -97,7 +97,7 @@ def run_case(arch: str, dtype: str, rows: int, rounds: int) -> dict[str, Any]:
         times = _time({"engine": engine, "one_call": one_call}, rounds)
     finally:
         setattr(network_module, "rows_per_call", rows_per_call)  # noqa: B010
-    calls = [rows_per_call(rows, *w.shape) for w in params.weights]
+    calls = [rows_per_call(rows, w.shape[0], w.shape[1], w.itemsize) for w in params.weights]
     return {
         "arch": arch,
         "dtype": dtype,

@@ -111,7 +111,7 @@ def forward(spec: ModelSpec, params: Params, x: Array) -> Array:
             zip(params.weights, params.biases, spec.layers, strict=False)
         ):
             rows = a.shape[0]
-            per_call = rows_per_call(rows, *w.shape)
+            per_call = rows_per_call(rows, w.shape[0], w.shape[1], w.itemsize)
             if rows == 1:
                 z = a @ w  # one row: both orders, and one call fewer
             elif per_call < rows:

@@ -10,7 +10,13 @@ import threadpoolctl
 
 from engine import ModelSpec, Network, forward, rowsplit
 from engine import network as network_module
-from engine.rowsplit import MAX_CALLS, MAX_ROW_CALLS, SMALL_MNK, rows_per_call
+from engine.rowsplit import (
+    MAX_CALLS,
+    MAX_CALLS_FLOAT64,
+    MAX_ROW_CALLS,
+    SMALL_MNK,
+    rows_per_call,
+)
 
 
 @pytest.mark.parametrize(
@@ -29,18 +35,26 @@ from engine.rowsplit import MAX_CALLS, MAX_ROW_CALLS, SMALL_MNK, rows_per_call
     ],
 )
 def test_rows_per_call_with_small_kernels(rows: int, n_in: int, n_out: int, expected: int) -> None:
-    assert rows_per_call(rows, n_in, n_out, small=True) == expected
+    assert rows_per_call(rows, n_in, n_out, 4, small=True) == expected
+
+
+@pytest.mark.parametrize(("rows", "expected"), [(2, 2), (3, 2), (6, 2), (7, 7), (12, 12)])
+def test_float64_products_are_cut_into_fewer_calls(rows: int, expected: int) -> None:
+    assert rows_per_call(rows, 784, 512, 8, small=True) == expected
 
 
 def test_the_rule_keeps_within_its_limits() -> None:
     for rows in range(1, 40):
         for n_in, n_out in [(784, 512), (512, 256), (1024, 1024), (300, 3000), (10, 10)]:
-            per_call = rows_per_call(rows, n_in, n_out, small=True)
-            assert 1 <= per_call <= rows
-            if per_call < rows:
-                assert -(-rows // per_call) <= (MAX_ROW_CALLS if per_call == 1 else MAX_CALLS)
-                assert per_call == 1 or per_call * n_in * n_out <= SMALL_MNK
-            assert rows_per_call(rows, n_in, n_out, small=False) == rows
+            for itemsize in (4, 8):
+                per_call = rows_per_call(rows, n_in, n_out, itemsize, small=True)
+                assert 1 <= per_call <= rows
+                if per_call < rows:
+                    calls = -(-rows // per_call)
+                    assert calls <= (MAX_ROW_CALLS if per_call == 1 else MAX_CALLS)
+                    assert itemsize == 4 or per_call == 1 or calls <= MAX_CALLS_FLOAT64
+                    assert per_call == 1 or per_call * n_in * n_out <= SMALL_MNK
+                assert rows_per_call(rows, n_in, n_out, itemsize, small=False) == rows
 
 
 @pytest.mark.parametrize(
@@ -119,16 +133,17 @@ def test_split_forward_matches_the_reference(
     x = np.random.default_rng(rows).standard_normal((rows, 784)).astype(dtype)
     calls: list[int] = []
 
-    def forced(rows: int, n_in: int, n_out: int) -> int:
-        per_call = rows_per_call(rows, n_in, n_out, small=True)
+    def forced(rows: int, n_in: int, n_out: int, itemsize: int) -> int:
+        per_call = rows_per_call(rows, n_in, n_out, itemsize, small=True)
         calls.append(per_call)
         return per_call
 
     monkeypatch.setattr(network_module, "rows_per_call", forced)
     split = forward(net.spec, net.params, x)
-    monkeypatch.setattr(network_module, "rows_per_call", lambda rows, n_in, n_out: rows)
+    monkeypatch.setattr(network_module, "rows_per_call", lambda rows, *shape_and_size: rows)
     whole = forward(net.spec, net.params, x)
-    assert calls[0] == (2 if 2 < rows <= 12 else rows)  # the first layer was cut (or not)
+    most = 12 if dtype == "float32" else 6
+    assert calls[0] == (2 if 2 < rows <= most else rows)  # the first layer was cut (or not)
     assert split.shape == (rows, 10)
     assert split.dtype == np.dtype(dtype)
     tolerance = 1e-5 if dtype == "float32" else 1e-12
@@ -142,7 +157,7 @@ def test_each_cut_is_computed_like_a_batch_of_its_own(monkeypatch: pytest.Monkey
     monkeypatch.setattr(
         network_module,
         "rows_per_call",
-        lambda rows, n_in, n_out: rows_per_call(rows, n_in, n_out, small=True),
+        lambda rows, n_in, n_out, itemsize: rows_per_call(rows, n_in, n_out, itemsize, small=True),
     )
     net = _network([784, 512, 256, 10], "float32")
     x = np.random.default_rng(0).standard_normal((6, 784)).astype(np.float32)
