@@ -6,7 +6,6 @@ httpx, with the same methods and return types as the gRPC clients.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import ssl
 from collections.abc import AsyncIterable, Iterable
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+import pybase64
 
 from clients import errors
 from clients._progress import Progress
@@ -89,8 +89,11 @@ def tensor_json(value: Any, encoding: str = "base64") -> Any:
         if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
             raise errors.InvalidArgument("values out of the range of int64")
         data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
-        text = base64.b64encode(data.tobytes()).decode("ascii")
-        return {"b64": text, "shape": list(array.shape), "dtype": dtype}
+        return {
+            "b64": pybase64.b64encode_as_string(data.data),
+            "shape": list(array.shape),
+            "dtype": dtype,
+        }
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         # NOTE: JSON has no NaN or Infinity; they would arrive as null and read as garbage.
         raise errors.InvalidArgument(
