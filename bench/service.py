@@ -14,8 +14,8 @@ It starts, as child processes on ephemeral loopback ports:
   body raw and answers a small JSON.
 
 Cases: single-row and 256-row Predict over gRPC (raw float32 bytes) and REST (nested JSON
-lists; the 256-row tensor also as base64 bytes, transport ``rest-b64``) at concurrency 1, 8
-and 64, each alternating with the matching echo case (three turns each, one with --quick) so
+lists, and base64 bytes as the REST clients send them, transport ``rest-b64``) at concurrency
+1, 8 and 64, each alternating with the matching echo case (three turns each, one with --quick) so
 that the host's noise hits both alike; streamed training over gRPC (one bidirectional Train
 stream of batch-256 steps) against ``engine.Network.train_step`` on the same batches in this
 process, in alternating rounds.
@@ -783,9 +783,9 @@ async def run_load(
                     if taken:
                         op = "predict" if who == "server" else "echo"
                         results.append(row("grpc", op, rows, conc, summarize(merge(taken))))
-        # REST predict: nested lists, and the 256-row tensor as base64 bytes too
+        # REST predict: nested lists, and base64 bytes (the REST clients' default)
         rest_cases = [("rest", rows, payloads[rows].rest) for rows in ROWS]
-        rest_cases.append(("rest-b64", 256, payloads[256].rest_b64))
+        rest_cases += [("rest-b64", rows, payloads[rows].rest_b64) for rows in ROWS]
         for transport, rows, body in rest_cases:
             for conc in CONCURRENCY:
                 budget = plan.predict[rows] if rows == 1 else plan.rest_256

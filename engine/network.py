@@ -111,10 +111,9 @@ def forward(spec: ModelSpec, params: Params, x: Array) -> Array:
             zip(params.weights, params.biases, spec.layers, strict=False)
         ):
             rows = a.shape[0]
-            per_call = rows_per_call(rows, w.shape[0], w.shape[1], w.itemsize)
             if rows == 1:
                 z = a @ w  # one row: both orders, and one call fewer
-            elif per_call < rows:
+            elif (per_call := rows_per_call(rows, w.shape[0], w.shape[1], w.itemsize)) < rows:
                 z = np.empty((rows, w.shape[1]), dtype=w.dtype)
                 for start in range(0, rows, per_call):
                     np.matmul(a[start : start + per_call], w, out=z[start : start + per_call])
