@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors, tensors
+from service import errors, jsonnumbers, tensors
 from service.auth import Authenticator, Principal
 from service.core import Core, ModelInfo, Prediction, VersionInfo
 from service.dispatch import Dispatcher
@@ -76,6 +76,8 @@ def tensor_json(value: Any, what: str, max_elements: int, dtype: str | None = No
     ``dtype`` is the default when the body names none: inputs are features, so JSON integers
     there are floats; targets keep JSON's kind (integers are class labels)."""
     try:
+        if dtype is not None and isinstance(value, np.ndarray):  # from service.jsonnumbers
+            return tensors.from_matrix(value, dtype, max_elements)
         if isinstance(value, dict):
             if "b64" in value:
                 if set(value) != {"b64", "shape", "dtype"}:
@@ -99,11 +101,13 @@ def tensor_json(value: Any, what: str, max_elements: int, dtype: str | None = No
         raise type(exc)(f"{what}: {exc.message}") from None
 
 
-async def json_body(request: Request) -> dict[str, Any]:
-    return json_object(await request.body())
-
-
-def json_object(raw: bytes) -> dict[str, Any]:
+def json_object(raw: bytes, matrix: str | None = None) -> dict[str, Any]:
+    """The JSON object of a body. A ``matrix`` member that is a rectangular rank-2 array of
+    numbers comes back as a float64 numpy array (see service.jsonnumbers)."""
+    if matrix is not None:
+        fast = jsonnumbers.object_with_matrix(raw, matrix)
+        if fast is not None:
+            return fast
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -172,7 +176,7 @@ def error_response(code: str, message: str, status: int, rid: str | None = None)
 
 def predict_request(raw: bytes, max_elements: int) -> tuple[Any, int | None, str | None]:
     """(inputs, version, label) of a predict body."""
-    body = json_object(raw)
+    body = json_object(raw, matrix="inputs")
     _only(body, {"inputs", "version", "label"})
     if "inputs" not in body:
         raise errors.InvalidArgument("predict needs 'inputs'")
@@ -476,7 +480,7 @@ def create_app(
         },
     )
     async def train_step(name: str, request: Request, _: CallerTrainStep) -> Response:
-        body = await json_body(request)
+        body = json_object(await request.body(), matrix="inputs")
         _only(body, {"inputs", "targets", "learning_rate"})
         if "inputs" not in body or "targets" not in body:
             raise errors.InvalidArgument("train_step needs 'inputs' and 'targets'")

@@ -103,6 +103,19 @@ def from_base64(shape: Any, dtype: Any, data: Any, max_elements: int) -> NDArray
     return _view(raw, dtype, *layout)
 
 
+def from_matrix(array: NDArray[np.float64], dtype: str, max_elements: int) -> NDArray[Any]:
+    """A (rows, columns) float64 array of JSON numbers read by service.jsonnumbers, as a
+    float ``dtype``, under the same element limit as :func:`from_json`. (JSON's integer and
+    fraction kinds are gone by then, so integer dtypes take from_json's path.)"""
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"from_matrix makes float tensors, not {dtype}")
+    if array.size > max_elements:
+        raise ResourceExhausted(
+            f"tensor has {array.size:,} elements; the limit is {max_elements:,}"
+        )
+    return array.astype(DTYPES[dtype], copy=False)
+
+
 def from_json(
     value: Any, *, shape: Any = None, dtype: str | None = None, max_elements: int
 ) -> NDArray[Any]:

@@ -1,0 +1,78 @@
+"""Request bodies whose tensor is written out as JSON numbers, read without a Python object per
+number.
+
+orjson builds a Python float for every number, which numpy then reads back one at a time: a
+784-number row took ~31 us, a 256x784 batch ~15 ms, and the batch left ~200,000 floats' worth
+of the interpreter's small-object memory to fragment. simdjson parses into its own tape and
+copies an array's numbers into one buffer: ~15 us and ~5 ms.
+
+Only the common case takes this path: a JSON object whose ``key`` member is a rectangular
+rank-2 array of numbers. For anything else (invalid JSON, another layout, other kinds of
+values, duplicate keys...) :func:`object_with_matrix` answers None and the general parser
+takes the body, so both paths accept and refuse the same bodies, and the general one words
+the errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import simdjson
+
+_OPEN_BRACKET = ord("[")
+
+
+def object_with_matrix(raw: bytes, key: str) -> dict[str, Any] | None:
+    """The JSON object in ``raw``, its ``key`` member a float64 array of shape (rows, columns);
+    None unless ``raw`` is a JSON object, without duplicate keys, whose ``key`` member is a
+    non-empty rectangular array of arrays of numbers and which has no other array."""
+    try:
+        return _read(raw, key)
+    except (ValueError, TypeError, RuntimeError):  # not JSON, or values that are not numbers
+        return None
+
+
+def _read(raw: bytes, key: str) -> dict[str, Any] | None:
+    # NOTE: a parser per call (~0.1 us): the objects it hands out stay valid only until the
+    # parser's next document, which would tie calls together.
+    doc = simdjson.Parser().parse(raw)
+    if not isinstance(doc, simdjson.Object):
+        return None
+    keys = list(doc.keys())
+    if key not in keys or len(set(keys)) != len(keys):
+        return None  # duplicates: the general parser keeps the last, this one the first
+    matrix = doc[key]
+    if not isinstance(matrix, simdjson.Array) or len(matrix) == 0:
+        return None
+    rows, columns = len(matrix), None
+    for row in matrix:
+        if not isinstance(row, simdjson.Array):
+            return None
+        if columns is None:
+            columns = len(row)
+        elif len(row) != columns:
+            return None
+    # The outer array and one per row must be the document's only arrays: the buffer below
+    # flattens nested arrays silently. (A '[' inside a string counts too, and falls back.)
+    if not columns or _open_brackets(raw) != rows + 1:
+        return None
+    values = np.frombuffer(matrix.as_buffer(of_type="d"), dtype=np.float64)
+    if values.size != rows * columns:
+        return None
+    body = {name: _plain(doc[name]) for name in keys if name != key}
+    body[key] = values.reshape(rows, columns)
+    return body
+
+
+def _open_brackets(raw: bytes) -> int:
+    # NOTE: numpy's count is ~2x faster on a small body (2.5 us for one 784-number row), but
+    # its temporary array costs page faults on a large one (1-2.5 ms for 4 MB, against 1 ms).
+    if len(raw) > 1 << 16:
+        return raw.count(b"[")
+    return int(np.count_nonzero(np.frombuffer(raw, dtype=np.uint8) == _OPEN_BRACKET))
+
+
+def _plain(value: Any) -> Any:
+    """A member as the general parser gives it (arrays there are none: see _read)."""
+    return value.as_dict() if isinstance(value, simdjson.Object) else value
