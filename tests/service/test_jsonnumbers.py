@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service import errors, jsonnumbers
-from service.rest_api import predict_request
+from service.rest_api import json_object, predict_request
 from service.tensors import from_matrix
 
 LIMIT = 10_000
@@ -171,3 +171,15 @@ def test_fuzzed_rectangular_matrices_take_the_fast_path(matrix: list[list[Any]])
     if all(abs(v) < 2**64 for row in matrix for v in row):
         assert taken(raw)
         assert general[0] == "ok"
+
+
+def test_a_train_step_body_takes_the_fast_path_only_without_other_arrays() -> None:
+    targets_b64 = {"b64": "AAAAAAAAAAA=", "shape": [1], "dtype": "int64"}
+    raw = orjson.dumps({"inputs": [[0.5, 1.5]], "targets": targets_b64, "learning_rate": 0.1})
+    body = json_object(raw, matrix="inputs")
+    assert isinstance(body["inputs"], np.ndarray)
+    assert body["targets"] == targets_b64
+    assert body["learning_rate"] == 0.1
+    assert body == {**orjson.loads(raw), "inputs": body["inputs"]}
+    raw = orjson.dumps({"inputs": [[0.5, 1.5]], "targets": [1]})  # a second array
+    assert json_object(raw, matrix="inputs") == orjson.loads(raw)
