@@ -26,7 +26,7 @@ _OPEN_BRACKET = ord("[")
 def object_with_matrix(raw: bytes, key: str) -> dict[str, Any] | None:
     """The JSON object in ``raw``, its ``key`` member a float64 array of shape (rows, columns);
     None unless ``raw`` is a JSON object, without duplicate keys, whose ``key`` member is a
-    non-empty rectangular array of arrays of numbers and which has no other array."""
+    non-empty rectangular array of arrays of numbers."""
     try:
         return _read(raw, key)
     except (ValueError, TypeError, RuntimeError):  # not JSON, or values that are not numbers
@@ -53,16 +53,37 @@ def _read(raw: bytes, key: str) -> dict[str, Any] | None:
             columns = len(row)
         elif len(row) != columns:
             return None
-    # The outer array and one per row must be the document's only arrays: the buffer below
-    # flattens nested arrays silently. (A '[' inside a string counts too, and falls back.)
-    if not columns or _open_brackets(raw) != rows + 1:
+    body = {name: _plain(doc[name]) for name in keys if name != key}
+    # NOTE: the buffer below flattens nested arrays silently, so the matrix must hold just its
+    # own arrays, the outer one and one per row: the body's '[' are counted against those and
+    # the other members' arrays. A '[' in a string (which an escape can also write) or in a
+    # key falls back rather than be told apart from one in the matrix.
+    others = _arrays_or_none([*keys, *body.values()])
+    if not columns or others is None or _open_brackets(raw) != rows + 1 + others:
         return None
     values = np.frombuffer(matrix.as_buffer(of_type="d"), dtype=np.float64)
     if values.size != rows * columns:
         return None
-    body = {name: _plain(doc[name]) for name in keys if name != key}
     body[key] = values.reshape(rows, columns)
     return body
+
+
+def _arrays_or_none(values: list[Any]) -> int | None:
+    """How many arrays ``values`` hold, nested ones included; None when a string holds '['."""
+    count = 0
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if "[" in value:
+                return None
+        elif isinstance(value, list):
+            count += 1
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+    return count
 
 
 def _open_brackets(raw: bytes) -> int:
@@ -74,5 +95,9 @@ def _open_brackets(raw: bytes) -> int:
 
 
 def _plain(value: Any) -> Any:
-    """A member as the general parser gives it (arrays there are none: see _read)."""
-    return value.as_dict() if isinstance(value, simdjson.Object) else value
+    """A member as the general parser gives it: dicts, lists and scalars."""
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
