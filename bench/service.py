@@ -20,8 +20,8 @@ that the host's noise hits both alike; streamed training over gRPC (one bidirect
 stream of batch-256 steps) against ``engine.Network.train_step`` on the same batches in this
 process, in alternating rounds.
 The server's load runs twice; its resident memory (VmRSS) is read before, between and after,
-each time after 2.5 s of idling (the server trims its heap 1-2 s after the last request), and
-the second run's growth must stay within 10%. The figures reported are the second run's.
+each time once the server has trimmed its heap after the load (propserve_heap_trims_total
+moved), and the second run's growth must stay within 10%. The figures reported are the second run's.
 
 Load generation is cheap on purpose (the host has 2 cores, shared with the server): gRPC
 goes through one grpc.aio channel with pre-serialized request bytes and undecoded replies;
@@ -48,6 +48,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -181,18 +182,34 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-async def settled_rss_kib(pid: int) -> int:
-    """VmRSS once the server has idled long enough to hand freed memory back.
+def heap_trims(port: int) -> float | None:
+    """The server's propserve_heap_trims_total (None where it does not trim: not glibc).
+    Scrapes are not activity to the server, so reading it does not delay a trim."""
+    head = f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    match = re.search(rb"^propserve_heap_trims_total (\S+)$", b"".join(chunks), re.MULTILINE)
+    return float(match.group(1)) if match else None
 
-    NOTE: the server trims its heap once it has seen a whole second without requests, which
-    it checks every second (service.memory.IdleTrim): 1-2 s after the last request. Read at
-    2 s, the figure was sometimes the heap before the trim (118-125 MiB against ~100 after
-    it); so wait two intervals and a half."""
-    from service.memory import IDLE_SECONDS  # noqa: PLC0415
 
-    await quiesce(pid)
-    await asyncio.sleep(2.5 * IDLE_SECONDS)
-    return rss_kib(pid)
+async def settled_rss_kib(server: Child) -> int:
+    """VmRSS once the server has handed back the memory the last load freed.
+
+    NOTE: the server trims its heap 1-2 s after the last API request (service.memory). Read
+    at a fixed 2 s after the load, the figure was sometimes the heap before the trim (118-125
+    MiB against ~100 after it), so this waits for the server's trim counter to move once the
+    load is over (at most 8 s: a trim that came before the first look is not waited for)."""
+    await quiesce(server.pid)
+    port = server.ports["rest_port"]
+    seen = heap_trims(port)
+    deadline = time.monotonic() + 8
+    while seen is not None and heap_trims(port) == seen and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+    await asyncio.sleep(0.25)
+    return rss_kib(server.pid)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -976,11 +993,11 @@ async def benchmark(
             echoes[kind] = start_echo(kind, work)
             children.append(echoes[kind])
         await create_model(server)
-        before = await settled_rss_kib(server.pid)
+        before = await settled_rss_kib(server)
         await run_load(plan, server, None, payloads, train, wrk, work)
-        after_1 = await settled_rss_kib(server.pid)
+        after_1 = await settled_rss_kib(server)
         results = await run_load(plan, server, echoes, payloads, train, wrk, work)
-        after_2 = await settled_rss_kib(server.pid)
+        after_2 = await settled_rss_kib(server)
     finally:
         for child in reversed(children):
             child.stop()

@@ -145,8 +145,14 @@ class Metrics:
         self.last_loss = Gauge(
             "propserve_model_last_loss", "Loss of the last training step.", ["model"], registry=r
         )
-        #: Requests answered, on both transports (a cheap sign of activity).
+        #: API requests answered, on both transports (a cheap sign of activity); scrapes,
+        #: health probes and other paths ("other") are not a burst to trim memory after.
         self.answered = 0
+        self.heap_trims = Counter(
+            "propserve_heap_trims",
+            "Times the server handed freed heap memory back to the system after a burst.",
+            registry=r,
+        )
         self.versions = Gauge(
             "propserve_model_versions", "Saved versions on disk.", ["model"], registry=r
         )
@@ -154,7 +160,8 @@ class Metrics:
     def observe(self, method: str, transport: str, code: str, seconds: float) -> None:
         hot = self._hot
         with hot.lock:
-            self.answered += 1
+            if method != "other":
+                self.answered += 1
             key = (method, transport, code)
             hot.requests[key] = hot.requests.get(key, 0) + 1
             histogram = hot.latency.get((method, transport))

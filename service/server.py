@@ -220,9 +220,14 @@ async def start(settings: Settings) -> Server:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     trim = malloc_trim()
     if trim is not None:
-        idle = IdleTrim(
-            lambda: metrics.answered, lambda: not dispatcher.working, collect_and_trim(trim)
-        )
+        release = collect_and_trim(trim)
+
+        def release_and_count() -> object:
+            result = release()
+            metrics.heap_trims.inc()
+            return result
+
+        idle = IdleTrim(lambda: metrics.answered, lambda: not dispatcher.working, release_and_count)
         server.trim_task = asyncio.create_task(idle.run())
     server.ready = True
     if settings.ready_file is not None:

@@ -107,3 +107,15 @@ def test_updates_from_many_threads_are_all_counted() -> None:
     assert 'propserve_requests_total{code="OK",method="Predict",transport="grpc"} 8000.0' in (
         metrics.render().decode()
     )
+
+
+def test_scrapes_and_probes_are_not_activity() -> None:
+    metrics = Metrics()
+    metrics.observe("other", "rest", "200", 0.001)  # /metrics, /healthz, unknown paths
+    assert metrics.answered == 0
+    metrics.observe("ListModels", "rest", "200", 0.001)
+    assert metrics.answered == 1
+    assert 'propserve_requests_total{code="200",method="other",transport="rest"} 1.0' in (
+        metrics.render().decode()
+    )
+    assert "propserve_heap_trims_total 0.0" in metrics.render().decode()
