@@ -11,7 +11,11 @@ that after the first without trimming, with the live memory unchanged.
 glibc also gives each thread that contends for the heap an arena of its own (up to 8 per
 core), and a burst's fragments stay spread over all of them: over four full benchmark loads
 the server's memory went 133, 160, 173, 157 MiB even with trimming. Capped at two arenas it
-stayed at 100 MiB load after load (MALLOC_ARENA_MAX=2, a common setting for Python servers).
+mostly stayed near 100-110 MiB, but the second arena (the worker and gRPC threads') kept
+9-32 MiB resident after the trim, depending on the load before: three full loads in a row
+read 106.3, 126.8 and 126.9 MiB. With one arena for every thread the same three read 96.8,
+97.0 and 97.2 MiB, and the benchmark's figures did not move (the GIL already keeps the
+interpreter's threads from allocating at once; gRPC's own threads allocate little).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ log = logging.getLogger("propserve.memory")
 IDLE_SECONDS = 1.0
 
 #: malloc arenas when MALLOC_ARENA_MAX is not set (see the module's note).
-ARENAS = 2
+ARENAS = 1
 _M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
 
 
