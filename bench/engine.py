@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402 - after the thread count is in the environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import cpu_model  # noqa: E402
 from engine import ModelSpec, Network  # noqa: E402
 
 ARCHS: dict[str, list[int]] = {
@@ -74,16 +75,6 @@ Fn = Callable[[], object]
 
 
 # -- machine and threads -----------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def _set_threads(threads: int) -> tuple[Any, Any]:
@@ -108,7 +99,7 @@ def _set_threads(threads: int) -> tuple[Any, Any]:
 
 def _machine(threads: int, torch: Any) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "python": platform.python_version(),

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import platform
@@ -615,14 +614,10 @@ def machine() -> dict[str, Any]:
     import grpc  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from bench.common import cpu_model  # noqa: PLC0415
+
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,

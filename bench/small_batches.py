@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import cpu_model
 from engine import ModelSpec, Network, forward
 from engine import network as network_module
 from engine.rowsplit import rows_per_call, small_kernels
@@ -112,21 +113,13 @@ def run_case(arch: str, dtype: str, rows: int, rounds: int) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     from threadpoolctl import threadpool_info  # noqa: PLC0415
 
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     blas = [
         {k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
         for pool in threadpool_info()
         if pool.get("user_api") == "blas"
     ]
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,

@@ -27,10 +27,23 @@ def object_with_matrix(raw: bytes, key: str) -> dict[str, Any] | None:
     """The JSON object in ``raw``, its ``key`` member a float64 array of shape (rows, columns);
     None unless ``raw`` is a JSON object, without duplicate keys, whose ``key`` member is a
     non-empty rectangular array of arrays of numbers."""
+    if not _array_follows(raw, key):
+        return None
     try:
         return _read(raw, key)
     except (ValueError, TypeError, RuntimeError):  # not JSON, or values that are not numbers
         return None
+
+
+def _array_follows(raw: bytes, key: str) -> bool:
+    """Whether the first ``"key"`` in ``raw`` is followed by an array: a cheap look that spares
+    base64 and flat tensors (the clients' default) a parse they would not use. A wrong guess
+    costs only time: a parse that declines, or the general path."""
+    name = b'"' + key.encode() + b'"'
+    at = raw.find(name)
+    if at < 0:
+        return False
+    return raw[at + len(name) : at + len(name) + 64].lstrip(b" \t\r\n:").startswith(b"[")
 
 
 def _read(raw: bytes, key: str) -> dict[str, Any] | None:

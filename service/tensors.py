@@ -103,16 +103,20 @@ def from_base64(shape: Any, dtype: Any, data: Any, max_elements: int) -> NDArray
     return _view(raw, dtype, *layout)
 
 
+def _check_size(array: NDArray[Any], max_elements: int) -> None:
+    if array.size > max_elements:
+        raise ResourceExhausted(
+            f"tensor has {array.size:,} elements; the limit is {max_elements:,}"
+        )
+
+
 def from_matrix(array: NDArray[np.float64], dtype: str, max_elements: int) -> NDArray[Any]:
     """A (rows, columns) float64 array of JSON numbers read by service.jsonnumbers, as a
     float ``dtype``, under the same element limit as :func:`from_json`. (JSON's integer and
     fraction kinds are gone by then, so integer dtypes take from_json's path.)"""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"from_matrix makes float tensors, not {dtype}")
-    if array.size > max_elements:
-        raise ResourceExhausted(
-            f"tensor has {array.size:,} elements; the limit is {max_elements:,}"
-        )
+    _check_size(array, max_elements)
     return array.astype(DTYPES[dtype], copy=False)
 
 
@@ -155,10 +159,7 @@ def from_json(
             array = array.astype(target, copy=False)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgument(f"tensor is not a rectangular array of numbers: {exc}") from None
-    if array.size > max_elements:
-        raise ResourceExhausted(
-            f"tensor has {array.size:,} elements; the limit is {max_elements:,}"
-        )
+    _check_size(array, max_elements)
     if shape is not None:
         array = array.reshape(dims)
     if array.dtype.kind in "iu" and array.dtype != np.int64:

@@ -10,6 +10,7 @@ from unittest import mock
 import numpy as np
 import orjson
 import pytest
+import simdjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -205,3 +206,22 @@ def test_a_train_step_body_reads_its_other_arrays_as_the_general_parser(targets:
 def test_brackets_elsewhere_cannot_hide_a_nested_array(raw: bytes) -> None:
     assert not taken(raw)
     assert json_object(raw, matrix="inputs") == orjson.loads(raw)
+
+
+def test_bodies_whose_tensor_is_not_an_array_are_not_parsed_twice() -> None:
+    parsed: list[bytes] = []
+    real = simdjson.Parser
+
+    class Counting:
+        def parse(self, raw: bytes) -> Any:
+            parsed.append(raw)
+            return real().parse(raw)
+
+    with mock.patch.object(simdjson, "Parser", Counting):
+        b64 = orjson.dumps({"inputs": {"b64": "AACAPw==", "shape": [1, 1], "dtype": "float32"}})
+        assert jsonnumbers.object_with_matrix(b64, "inputs") is None
+        assert jsonnumbers.object_with_matrix(b'{"version": 1}', "inputs") is None
+        assert parsed == []
+        numbers = b'{"inputs" :\n [[1, 2]]}'
+        assert jsonnumbers.object_with_matrix(numbers, "inputs") is not None
+        assert parsed == [numbers]
