@@ -148,14 +148,14 @@ class Batcher:
             batch, rows = self._take(lane)
             queries = [query for query, _ in batch]
             if lane.running == 0 and rows * queries[0].model.spec.n_params <= INLINE_MACS:
-                self._resolve(batch, self._compute(queries))
+                self.resolve(batch, self._compute(queries))
                 continue
             try:
                 work = asyncio.get_running_loop().run_in_executor(
                     self.executor, self._compute, queries
                 )
             except RuntimeError:  # the executor is shut down: the server is stopping
-                self._resolve(batch, [Unavailable("the server is shutting down")] * len(batch))
+                self.resolve(batch, [Unavailable("the server is shutting down")] * len(batch))
                 continue
             lane.running += 1
             self._track(work)
@@ -180,16 +180,17 @@ class Batcher:
             results = work.result()
         except BaseException as exc:
             results = [Unavailable(f"the prediction did not run: {exc!r}")] * len(batch)
-        self._resolve(batch, results)
+        self.resolve(batch, results)
         if lane.queue and not lane.scheduled:
             lane.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush, key, lane)
         self._forget_if_idle(key, lane)
 
     @staticmethod
-    def _resolve(
+    def resolve(
         batch: list[tuple[PredictQuery, Done]], results: list[Prediction | Exception]
     ) -> None:
+        """Hand each query of ``batch`` its result; a failing callback is logged."""
         for (_, done), result in zip(batch, results, strict=True):
             try:
                 done(result)
@@ -390,12 +391,30 @@ class Dispatcher:
         *,
         version: int | None = None,
         label: str | None = None,
+        alone: bool = False,
     ) -> None:
         """Predict, answering through ``done`` (batched with predictions that arrive in the
         same turn of the loop); raises at once for a request that is wrong by itself (unknown
-        model, bad inputs...), before anything is queued."""
+        model, bad inputs...), before anything is queued.
+
+        ``alone``: the caller knows that no other prediction can arrive in this turn (its
+        connection is the server's only one). Then a small query on an idle model is answered
+        at once, before this returns, as :meth:`predict` answers one.
+
+        NOTE: waiting for the next turn costs a single-row request ~15 us on 2 cores (model
+        A: 92 us from the request's body to its answer, 75 us answered at once), as much as
+        reading its tensor. REST at concurrency 1 (wrk, interleaved runs): 0.95-0.98x ->
+        1.00-1.03x the bare echo with a tiny model, 0.83-0.87x -> 0.86-0.88x with model A
+        and base64 bodies.
+        """
         self.busy_poll.touch()
-        self._submit(self.core.prepare_predict(name, inputs, version=version, label=label), done)
+        query = self.core.prepare_predict(name, inputs, version=version, label=label)
+        if alone and query.ready:
+            result = self.batcher.now(query)
+            if result is not None:
+                self.batcher.resolve([(query, done)], [result])
+                return
+        self._submit(query, done)
 
     async def predict(self, name: str, inputs: Any, **source: Any) -> Prediction:
         """Predict; a small query on a model with nothing queued is answered at once.

@@ -40,8 +40,16 @@ class HotPath(Protocol):
     max_body: int
 
     def handle(
-        self, model: str, headers: list[tuple[bytes, bytes]], body: bytes, reply: Reply
-    ) -> None: ...
+        self,
+        model: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        reply: Reply,
+        *,
+        alone: bool = False,
+    ) -> None:
+        """Answer through ``reply``, now or later; ``alone``: the request's connection is
+        the server's only one."""
 
 
 class _Event:
@@ -124,9 +132,15 @@ class HotPathProtocol(HttpToolsProtocol):
         cycle.more_body = False
         headers = self.headers
         # NOTE: a request pipelined behind this one is parsed from the same buffer before
-        # this one is answered; uvicorn queues it because this cycle is not complete.
+        # this one is answered; uvicorn queues it because this cycle is not complete. With
+        # one connection open, no other request can join this one's batch in this turn of the
+        # loop: it may be answered at once (see Dispatcher.submit_predict).
         self.hot_path.handle(
-            self._hot_model_name, headers, bytes(cycle.body), lambda *a: self._hot_reply(cycle, *a)
+            self._hot_model_name,
+            headers,
+            bytes(cycle.body),
+            lambda *a: self._hot_reply(cycle, *a),
+            alone=len(self.connections) == 1,
         )
 
     def _hot_reply(

@@ -232,6 +232,8 @@ class PredictHotPath:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         reply: Callable[[int, bytes, str, list[tuple[bytes, bytes]]], None],
+        *,
+        alone: bool = False,
     ) -> None:
         start = time.perf_counter()
         rid = authorization = None
@@ -259,7 +261,9 @@ class PredictHotPath:
         try:
             self.auth.authorize(authorization, "Predict")
             inputs, version, label = predict_request(body, self.max_elements)
-            self.dispatcher.submit_predict(model, inputs, answer, version=version, label=label)
+            self.dispatcher.submit_predict(
+                model, inputs, answer, version=version, label=label, alone=alone
+            )
         except Exception as exc:
             answer(exc)
 

@@ -121,6 +121,65 @@ def test_a_lone_prediction_is_exactly_the_engines_forward(core: Core) -> None:
     assert np.array_equal(direct.outputs, expected(core, x))
 
 
+def test_a_query_alone_on_an_idle_model_is_answered_before_submit_returns(core: Core) -> None:
+    """``alone`` (one connection open): the answer comes at once, the engine's forward; on a
+    model with queries queued it waits its turn behind them, as any other query."""
+    dispatcher = Dispatcher(core)
+    x, y = rows(1, 1), rows(2, 2)
+
+    async def run() -> tuple[list[Any], list[Any], list[str]]:
+        answered: list[Any] = []
+        dispatcher.submit_predict("m", x, answered.append, alone=True)
+        at_once = list(answered)
+        order: list[str] = []
+        first: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def queued(result: Any) -> None:
+            order.append("queued")
+            first.set_result(result)
+
+        dispatcher.submit_predict("m", y, queued)
+        second: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def behind(result: Any) -> None:
+            order.append("alone")
+            second.set_result(result)
+
+        dispatcher.submit_predict("m", x, behind, alone=True)
+        waited_for = [len(order)]
+        await asyncio.wait_for(asyncio.gather(first, second), 10)
+        return at_once, waited_for, order
+
+    try:
+        at_once, waited_for, order = asyncio.run(run())
+    finally:
+        dispatcher.close()
+    (answer,) = at_once
+    assert isinstance(answer, Prediction)
+    assert np.array_equal(answer.outputs, expected(core, x))
+    assert waited_for == [0]  # the model had a query queued: nothing was answered at once
+    assert order == ["queued", "alone"]
+    assert passes(core) == (2, 4.0)  # the lone pass, then the two queued ones shared one
+
+
+def test_a_failing_callback_of_a_query_answered_at_once_is_logged_not_raised(
+    core: Core, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = Dispatcher(core)
+
+    def broken(result: Any) -> None:
+        raise RuntimeError("the caller went wrong")
+
+    async def run() -> None:
+        dispatcher.submit_predict("m", rows(1), broken, alone=True)
+
+    try:
+        asyncio.run(run())
+    finally:
+        dispatcher.close()
+    assert "predict.callback_failed" in caplog.text
+
+
 def test_batches_hold_at_most_batch_rows_and_a_larger_query_runs_alone(core: Core) -> None:
     dispatcher = Dispatcher(core, batch_rows=4)
     try:
