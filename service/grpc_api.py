@@ -30,7 +30,7 @@ from propserve.v1 import model_service_pb2_grpc as pb_grpc
 from service import errors, tensors
 from service.auth import Authenticator
 from service.core import Core, ModelInfo, StepOutcome, VersionInfo
-from service.dispatch import Dispatcher
+from service.dispatch import HELD_RESULTS, Dispatcher
 from service.logs import new_request_id
 from service.metrics import Metrics
 
@@ -62,6 +62,12 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, Context], Awaitable[Response]]
+
+
+#: Steps of a Train stream that may be pending before its next batch is read: the running
+#: one, one queued behind it, and up to HELD_RESULTS finished ones whose results the worker
+#: holds back (see dispatch.Serial). Decoded batches waiting to run: at most READ_AHEAD - 1.
+READ_AHEAD = HELD_RESULTS + 2
 
 
 def _status(exc: BaseException) -> grpc.StatusCode:
@@ -352,9 +358,11 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
             self._enter()
             entered = True
             self.auth.authorize(authorization, "Train")
-            # NOTE: up to two steps are queued while the next batch is received and decoded;
-            # each starts as soon as the previous one ends, in the worker (Dispatcher.serial),
-            # and a response is sent as soon as its step ends, never waiting for the next
+            # NOTE: steps queue in the worker (Dispatcher.serial) while the next batches are
+            # received and decoded, and each starts as soon as the previous one ends. Results
+            # of short steps come back from the worker in groups (see dispatch.Serial), so
+            # besides the running step up to HELD_RESULTS answered ones may be pending, and
+            # one more batch is read ahead. A response never waits for the client's next
             # batch. After a failing step, the batches behind it are not applied.
             failure: errors.PropserveError | None = None
             steps = self.dispatch.serial()
@@ -363,7 +371,7 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
             arriving: asyncio.Future[pb.TrainStepRequest] | None = None
             try:
                 while True:
-                    if arriving is None and len(pending) < 2:
+                    if arriving is None and len(pending) < READ_AHEAD:
                         arriving = asyncio.ensure_future(messages.__anext__())
                     waiting = [f for f in (arriving, pending[0][1] if pending else None) if f]
                     await asyncio.wait(waiting, return_when=FIRST_COMPLETED)

@@ -4,7 +4,9 @@ back, and what happens when one caller's rows or the model go wrong."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -388,6 +390,96 @@ def test_serial_keeps_going_after_its_queue_runs_dry(core: Core) -> None:
         assert asyncio.run(run()) == [1, 2]
     finally:
         dispatcher.close()
+
+
+def test_serial_hands_over_short_calls_results_in_groups(core: Core) -> None:
+    """Six short calls queued back to back: their results reach the loop in pairs (three
+    hand-overs, not six), in order; with ``held=0`` each on its own."""
+    dispatcher = Dispatcher(core)
+    gate = threading.Event()
+
+    async def run(held: int) -> tuple[list[Any], int]:
+        serial = dispatch.Serial(dispatcher.executor, held=held)
+        futures: list[asyncio.Future[Any]] = [serial.submit(gate.wait, 10)]  # holds the worker
+        futures += [serial.submit(lambda i=i: i) for i in range(1, 6)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = list(await asyncio.wait_for(asyncio.gather(*futures), 10))
+        gate.clear()
+        return results, serial.handovers
+
+    try:
+        paired = asyncio.run(run(1))
+        alone = asyncio.run(run(0))
+    finally:
+        gate.set()
+        dispatcher.close()
+    assert paired == ([True, 1, 2, 3, 4, 5], 3)
+    assert alone == ([True, 1, 2, 3, 4, 5], 6)
+
+
+def test_serial_holds_no_result_with_nothing_queued_or_behind_a_long_call(core: Core) -> None:
+    """A result is handed over at once when no call waits behind it (a client answering each
+    step before sending the next), and when its call took ``hold_below`` or more: the
+    second call below waits for the first one's result, so holding it would never end."""
+    dispatcher = Dispatcher(core)
+
+    async def run() -> list[Any]:
+        serial = dispatch.Serial(dispatcher.executor, held=1, hold_below=0.01)
+        lone = await asyncio.wait_for(serial.submit(lambda: "lone"), 10)
+        first_seen = threading.Event()
+
+        def slowly() -> str:
+            time.sleep(0.03)
+            return "slow"
+
+        slow = serial.submit(slowly)
+        behind = serial.submit(lambda: first_seen.wait(10))
+        slow_result = await asyncio.wait_for(slow, 10)
+        first_seen.set()
+        return [lone, slow_result, await asyncio.wait_for(behind, 10)]
+
+    try:
+        assert asyncio.run(run()) == ["lone", "slow", True]
+    finally:
+        dispatcher.close()
+
+
+def test_serial_hands_over_held_results_before_a_failure(core: Core) -> None:
+    """A result held when the next call fails still arrives, before the failure and the
+    cancellations behind it."""
+    dispatcher = Dispatcher(core)
+    gate = threading.Event()
+    order: list[str] = []
+
+    def fail() -> None:
+        raise InvalidArgument("bad batch")
+
+    def done(name: str, future: asyncio.Future[Any]) -> None:
+        order.append(name)
+
+    async def run() -> list[Any]:
+        serial = dispatch.Serial(dispatcher.executor, held=1)
+        futures: list[asyncio.Future[Any]] = [
+            serial.submit(gate.wait, 10),  # its result is held while the next call runs
+            serial.submit(fail),
+            serial.submit(lambda: "never"),
+        ]
+        for name, future in zip(("gate", "fail", "never"), futures, strict=True):
+            future.add_done_callback(functools.partial(done, name))
+        await asyncio.sleep(0.01)
+        gate.set()
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        gate.set()
+        dispatcher.close()
+    assert results[0] is True
+    assert isinstance(results[1], InvalidArgument)
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert order == ["gate", "fail", "never"]
 
 
 def test_serial_after_shutdown_answers_unavailable(core: Core) -> None:
