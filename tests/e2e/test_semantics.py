@@ -409,6 +409,31 @@ def test_predictions_never_see_a_mix_of_two_steps(server: ServerProcess) -> None
     assert {kind for kind, _, _ in observed} == {"grpc", "rest"}
 
 
+def test_a_train_stream_in_lockstep_gets_each_answer_before_it_sends_the_next_batch(
+    grpc_client: GrpcClient,
+) -> None:
+    """A client that waits for each step's answer before it sends the next batch gets every
+    answer at once: the worker holds a result back only while another step is queued behind
+    it (see dispatch.Serial); holding it here would leave the stream waiting forever."""
+    spec = mlp(seed=33)
+    name = "lockstep"
+    batches = make_batches(spec, 6, seed=33)
+    grpc_client.create_model(name, spec)
+    answered = threading.Semaphore(0)
+    waits: list[bool] = []
+
+    def lockstep() -> Iterator[Batch]:
+        for i, batch in enumerate(batches):
+            if i:
+                waits.append(answered.acquire(timeout=10))
+            yield batch
+
+    recorder = _Recorder(lambda result: answered.release())
+    results = grpc_client.train(name, lockstep(), progress=recorder)
+    assert waits == [True] * (len(batches) - 1)
+    assert [r.step for r in results] == list(range(1, len(batches) + 1))
+
+
 # -- versions, labels, rollback, retention ---------------------------------------------------
 
 
