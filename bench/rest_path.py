@@ -1,0 +1,253 @@
+"""Benchmark of the server's REST path for one single-row prediction, in process: the real
+HTTP protocol (service/http_fast.py over uvicorn's), hot path, dispatcher, core and engine,
+fed a request's bytes on a stand-in transport, from the bytes in to the answer's bytes out.
+No sockets, no client: what is left is the server's own work per request, which bounds REST
+at concurrency 1 (bench/service.py measures that over loopback, against a bare echo).
+
+    .venv/bin/python bench/rest_path.py            # a table
+    .venv/bin/python bench/rest_path.py --json     # one JSON object per case
+
+Cases: model A=[784,512,256,10] and a tiny model (784 inputs, 2 outputs); the tensor as JSON
+numbers or base64; the request on the server's only connection (answered at once) or on one
+of two (answered on the next turn of the event loop, where requests read in the same turn
+share a forward pass). Baseline: the engine's forward pass of the same row alone, measured
+in the same run; "stack" is the path minus that forward pass. One BLAS thread, as the
+server runs. Medians of interleaved blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import cpu_model
+
+SPEC_A: dict[str, Any] = {
+    "input_dim": 784,
+    "layers": [
+        {"units": 512, "activation": "relu"},
+        {"units": 256, "activation": "relu"},
+        {"units": 10, "activation": "softmax"},
+    ],
+    "loss": "softmax_cross_entropy",
+    "dtype": "float32",
+    "seed": 0,
+}
+SPEC_TINY: dict[str, Any] = {**SPEC_A, "layers": [{"units": 2, "activation": "softmax"}]}
+MODELS = {"A": SPEC_A, "tiny": SPEC_TINY}
+
+
+def bodies() -> dict[str, bytes]:
+    """A single-row predict body of each kind, the row the same."""
+    x = np.random.default_rng(1).standard_normal((1, 784), dtype=np.float32)
+    b64 = {"b64": base64.b64encode(x.tobytes()).decode(), "shape": [1, 784], "dtype": "float32"}
+    return {
+        "json": json.dumps({"inputs": x.tolist()}).encode(),
+        "b64": json.dumps({"inputs": b64}).encode(),
+    }
+
+
+def request(model: str, body: bytes) -> bytes:
+    head = (
+        f"POST /v1/models/{model}/predict HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class Transport(asyncio.Transport):
+    """Stands in for a socket: keeps the last answer and wakes whoever waits for one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = b""
+        self.waiter: asyncio.Future[None] | None = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.last = bytes(data)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def measure(rounds: int, block: int) -> list[dict[str, Any]]:
+    import uvicorn  # noqa: PLC0415
+    from uvicorn.server import ServerState  # noqa: PLC0415
+
+    from engine import forward  # noqa: PLC0415
+    from service.auth import Authenticator  # noqa: PLC0415
+    from service.core import Core, Limits  # noqa: PLC0415
+    from service.dispatch import Dispatcher  # noqa: PLC0415
+    from service.http_fast import protocol_class  # noqa: PLC0415
+    from service.metrics import Metrics  # noqa: PLC0415
+    from service.rest_api import PredictHotPath  # noqa: PLC0415
+    from service.store import ModelStore  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    with tempfile.TemporaryDirectory(prefix="propserve-rest-path-") as store:
+        metrics = Metrics()
+        core = Core(ModelStore(Path(store)), limits=Limits(), metrics=metrics)
+        for name, spec in MODELS.items():
+            core.create_model(name.lower(), spec)
+        dispatcher = Dispatcher(core, busy_poll=0)
+        hot = PredictHotPath(
+            dispatcher, Authenticator({}), metrics, max_body=64 << 20, max_elements=1 << 24
+        )
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:  # never reached
+            raise AssertionError("a predict request left the hot path")
+
+        protocol_type = protocol_class(hot)
+        config = uvicorn.Config(
+            app, http=protocol_type, log_config=None, access_log=False, lifespan="off"
+        )
+        config.load()
+
+        def connect(state: Any) -> tuple[Any, Transport]:
+            protocol = protocol_type(config=config, server_state=state, app_state={})
+            transport = Transport()
+            protocol.connection_made(transport)
+            return protocol, transport
+
+        alone_state, shared_state = ServerState(), ServerState()
+        connections = {"alone": connect(alone_state), "shared": connect(shared_state)}
+        connect(shared_state)  # a second connection, idle: requests wait for the next turn
+        payloads = bodies()
+        x = np.frombuffer(base64.b64decode(json.loads(payloads["b64"])["inputs"]["b64"]), "<f4")
+        x = x.reshape(1, 784)
+
+        async def run(model: str, kind: str, mode: str, n: int) -> float:
+            protocol, transport = connections[mode]
+            data = request(model.lower(), payloads[kind])
+            start = time.perf_counter()
+            for _ in range(n):
+                if mode == "alone":
+                    protocol.data_received(data)
+                else:
+                    transport.waiter = loop.create_future()
+                    protocol.data_received(data)
+                    await transport.waiter
+            elapsed = (time.perf_counter() - start) / n
+            if not transport.last.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected answer: {transport.last[:200]!r}")
+            return elapsed
+
+        def forward_alone(model: str, n: int) -> float:
+            network = core._model(model.lower()).network
+            start = time.perf_counter()
+            for _ in range(n):
+                forward(network.spec, network.params, x)
+            return (time.perf_counter() - start) / n
+
+        cases = [
+            (model, kind, mode)
+            for model in MODELS
+            for kind in ("b64", "json")
+            for mode in ("alone", "shared")
+        ]
+        samples: dict[Any, list[float]] = {case: [] for case in cases}
+        forwards: dict[str, list[float]] = {m: [] for m in MODELS}
+        for case in cases:  # warm-up
+            await run(*case, block)
+        for _ in range(rounds):
+            for case in cases:
+                samples[case].append(await run(*case, block))
+            for model in MODELS:
+                forwards[model].append(forward_alone(model, block))
+        dispatcher.close()
+        core.close()
+
+    results = []
+    for (model, kind, mode), times in samples.items():
+        path = statistics.median(times)
+        fwd = statistics.median(forwards[model])
+        results.append(
+            {
+                "model": model,
+                "body": kind,
+                "connection": "only one" if mode == "alone" else "one of two",
+                "path_s": path,
+                "forward_s": fwd,
+                "stack_s": path - fwd,
+                "ratio": path / fwd,
+            }
+        )
+    return results
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved blocks per case")
+    parser.add_argument("--block", type=int, default=400, help="requests per block")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args(argv)
+    import uvloop  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    limiter = threadpool_limits(1, user_api="blas")
+    info = machine()
+    results = uvloop.run(measure(args.rounds, args.block))
+    del limiter
+    if args.json:
+        for r in results:
+            print(json.dumps({**r, "machine": info}))
+        return
+    print(f"cpu: {info['cpu']}; cores {info['cores']}; python {info['python']}, ", end="")
+    print(f"numpy {info['numpy']}; one BLAS thread; medians of interleaved blocks")
+    print("baseline: the engine's forward pass of the same row alone; stack = path - forward")
+    header = (
+        f"{'model':<5} {'body':<5} {'connection':<11} {'path us':>8} {'forward us':>11} "
+        f"{'stack us':>9} {'path/forward':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r['model']:<5} {r['body']:<5} {r['connection']:<11} {r['path_s'] * 1e6:>8.1f} "
+            f"{r['forward_s'] * 1e6:>11.1f} {r['stack_s'] * 1e6:>9.1f} {r['ratio']:>13.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
