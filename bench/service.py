@@ -942,7 +942,7 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
             f"{_fmt_s(r.get('p50_s')):>8} {_fmt_s(r.get('p99_s')):>8} {tp_text:>8} "
             f"{'-' if cli is None else f'{cli * 1e6:.0f}':>10} "
             f"{'-' if srv is None else f'{srv * 1e6:.0f}':>10} "
-            f"{base_text:>10} {'-' if ratio is None else f'{ratio:.2f}':>6} {target}"
+            f"{base_text:>10} {'-' if ratio is None else f'{ratio:.3f}':>6} {target}"
         )
     print("(* train_stream throughput is samples/s; baseline: in-process Network.train_step)")
     for r in results:
