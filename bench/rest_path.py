@@ -22,7 +22,6 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,19 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_model
+from bench.common import machine
+from bench.service import SPEC as SPEC_A
 
-SPEC_A: dict[str, Any] = {
-    "input_dim": 784,
-    "layers": [
-        {"units": 512, "activation": "relu"},
-        {"units": 256, "activation": "relu"},
-        {"units": 10, "activation": "softmax"},
-    ],
-    "loss": "softmax_cross_entropy",
-    "dtype": "float32",
-    "seed": 0,
-}
+#: 784 inputs like model A, 2 outputs: what a request costs besides a real forward pass.
 SPEC_TINY: dict[str, Any] = {**SPEC_A, "layers": [{"units": 2, "activation": "softmax"}]}
 MODELS = {"A": SPEC_A, "tiny": SPEC_TINY}
 
@@ -205,15 +195,6 @@ async def measure(rounds: int, block: int) -> list[dict[str, Any]]:
             }
         )
     return results
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -612,18 +612,10 @@ def summarize(sample: Sample) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     import grpc  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
 
-    from bench.common import cpu_model  # noqa: PLC0415
+    from bench import common  # noqa: PLC0415
 
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "grpcio": grpc.__version__,
-        "kernel": platform.release(),
-    }
+    return {**common.machine(), "grpcio": grpc.__version__, "kernel": platform.release()}
 
 
 def in_process_forward(repeats: int, idle: float = 0.0) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_model
+from bench import common
 from engine import ModelSpec, Network, forward
 from engine import network as network_module
 from engine.rowsplit import rows_per_call, small_kernels
@@ -118,14 +117,7 @@ def machine() -> dict[str, Any]:
         for pool in threadpool_info()
         if pool.get("user_api") == "blas"
     ]
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "blas": blas,
-        "small_kernels": small_kernels(),
-    }
+    return {**common.machine(), "blas": blas, "small_kernels": small_kernels()}
 
 
 def main(argv: list[str] | None = None) -> None:

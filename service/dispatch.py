@@ -126,9 +126,13 @@ class Batcher:
             asyncio.get_running_loop().call_soon(self._flush, key, lane)
 
     def now(self, query: PredictQuery) -> Prediction | Exception | None:
-        """The query's answer computed right away, when it is small and its lane is idle;
-        None otherwise (then submit it)."""
-        if query.rows * query.model.spec.n_params > LONE_MACS or query.key in self._lanes:
+        """The query's answer computed right away, when it is ready (its weights in memory),
+        small and its lane idle; None otherwise (then submit it)."""
+        if (
+            not query.ready
+            or query.rows * query.model.spec.n_params > LONE_MACS
+            or query.key in self._lanes
+        ):
             return None
         return self._compute([query])[0]
 
@@ -453,11 +457,9 @@ class Dispatcher:
         """
         self.busy_poll.touch()
         query = self.core.prepare_predict(name, inputs, version=version, label=label)
-        if alone and query.ready:
-            result = self.batcher.now(query)
-            if result is not None:
-                self.batcher.resolve([(query, done)], [result])
-                return
+        if alone and (result := self.batcher.now(query)) is not None:
+            self.batcher.resolve([(query, done)], [result])
+            return
         self._submit(query, done)
 
     async def predict(self, name: str, inputs: Any, **source: Any) -> Prediction:
@@ -469,7 +471,7 @@ class Dispatcher:
         """
         self.busy_poll.touch()
         query = self.core.prepare_predict(name, inputs, **source)
-        result = self.batcher.now(query) if query.ready else None
+        result = self.batcher.now(query)
         if result is None:
             future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
             self._submit(query, functools.partial(_settle, future))
