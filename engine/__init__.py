@@ -12,7 +12,7 @@ semantics, and state as safetensors bytes. No I/O, no threads of its own.
 """
 
 from engine.errors import DivergedError, EngineError, InputError, SpecError, StateError
-from engine.inputs import check_inputs, check_targets
+from engine.inputs import all_finite, check_inputs, check_targets
 from engine.network import Network, Params, TrainResult, forward
 from engine.serialization import dump_network, load_network
 from engine.spec import DEFAULT_MAX_PARAMS, LayerSpec, ModelSpec, OptimizerSpec
@@ -33,6 +33,7 @@ __all__ = [
     "StateError",
     "TrainResult",
     "__version__",
+    "all_finite",
     "check_inputs",
     "check_targets",
     "dump_network",

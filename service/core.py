@@ -35,6 +35,7 @@ from engine import (
     Params,
     SpecError,
     StateError,
+    all_finite,
     check_inputs,
     forward,
 )
@@ -343,13 +344,13 @@ class Core:
             spec, params = first.weights
         x = first.x if len(queries) == 1 else np.concatenate([q.x for q in queries])
         outputs = forward(spec, params, x)
-        finite = bool(np.isfinite(outputs).all())
+        finite = all_finite(outputs)
         results: list[Prediction | Exception] = []
         start = 0
         for query in queries:
             rows = outputs[start : start + query.rows]
             start += query.rows
-            if finite or np.isfinite(rows).all():
+            if finite or all_finite(rows):
                 results.append(Prediction(rows, query.version, params.step))
             else:
                 results.append(

@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import simdjson
 
-_OPEN_BRACKET = ord("[")
-
 
 def object_with_matrix(raw: bytes, key: str) -> dict[str, Any] | None:
     """The JSON object in ``raw``, its ``key`` member a float64 array of shape (rows, columns);
@@ -72,7 +70,10 @@ def _read(raw: bytes, key: str) -> dict[str, Any] | None:
     # the other members' arrays. A '[' in a string (which an escape can also write) or in a
     # key falls back rather than be told apart from one in the matrix.
     others = _arrays_or_none([*keys, *body.values()])
-    if not columns or others is None or _open_brackets(raw) != rows + 1 + others:
+    if not columns or others is None:
+        return None
+    expected = rows + 1 + others
+    if _open_brackets(raw, expected) != expected:
         return None
     values = np.frombuffer(matrix.as_buffer(of_type="d"), dtype=np.float64)
     if values.size != rows * columns:
@@ -99,12 +100,16 @@ def _arrays_or_none(values: list[Any]) -> int | None:
     return count
 
 
-def _open_brackets(raw: bytes) -> int:
-    # NOTE: numpy's count is ~2x faster on a small body (2.5 us for one 784-number row), but
-    # its temporary array costs page faults on a large one (1-2.5 ms for 4 MB, against 1 ms).
-    if len(raw) > 1 << 16:
-        return raw.count(b"[")
-    return int(np.count_nonzero(np.frombuffer(raw, dtype=np.uint8) == _OPEN_BRACKET))
+def _open_brackets(raw: bytes, limit: int) -> int:
+    """How many '[' ``raw`` holds, counted up to ``limit + 1``."""
+    # NOTE: one find per bracket: find scans with memchr, and a body holds few brackets
+    # (rows + 1 for the matrix). A single-row body: 0.4 us against 2.7 us for numpy's count
+    # and 4.3 us for bytes.count; 256 rows (4 MB): 0.08 ms against 1.1 ms for either.
+    count, at = 0, raw.find(b"[")
+    while at >= 0 and count <= limit:
+        count += 1
+        at = raw.find(b"[", at + 1)
+    return count
 
 
 def _plain(value: Any) -> Any:

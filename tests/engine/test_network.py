@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine import DivergedError, InputError, ModelSpec, Network, forward
+from engine import DivergedError, InputError, ModelSpec, Network, all_finite, forward
 
 CLASSIFIER: dict[str, Any] = {
     "input_dim": 4,
@@ -209,6 +209,32 @@ def test_bad_input_raises_and_changes_nothing(x: Any, y: Any, message: str) -> N
     if message in INPUT_SIDE:
         with pytest.raises(InputError, match=message):
             net.forward(x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (7,), (1, 784), (3, 17), (2, 3, 5)])
+def test_all_finite_finds_every_non_finite_entry(dtype: Any, shape: tuple[int, ...]) -> None:
+    """NaN, inf and -inf at every position (a BLAS dot's vector body and remainder alike)."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    assert all_finite(x)
+    flat = x.reshape(-1)
+    for at in range(flat.size):
+        for bad in (np.nan, np.inf, -np.inf):
+            flat[at], keep = bad, flat[at]
+            assert not all_finite(x), (at, bad)
+            assert not all_finite(x.T), (at, bad)  # not contiguous
+            flat[at] = keep
+    assert all_finite(np.zeros((0, 4), dtype=dtype))
+
+
+def test_all_finite_with_squares_beyond_the_range() -> None:
+    """Finite entries whose squares overflow are finite; no floating-point warning either."""
+    big = np.full((2, 5), np.finfo(np.float32).max, dtype=np.float32)
+    with np.errstate(all="raise"):
+        assert all_finite(big)
+    big[1, 4] = np.inf
+    with np.errstate(all="raise"):
+        assert not all_finite(big)
 
 
 @pytest.mark.parametrize(
