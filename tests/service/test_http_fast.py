@@ -1,0 +1,180 @@
+"""The REST protocol's own connection handling (service.http_fast), in process on a stand-in
+transport: when an idle keep-alive connection is closed, and that a busy one never is. (The
+HTTP framing, pipelining and answers are tested over real sockets in
+tests/e2e/test_rest_hot_path.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from service.auth import Authenticator
+from service.core import Core
+from service.dispatch import Dispatcher
+from service.http_fast import HotPathProtocol, protocol_class
+from service.metrics import Metrics
+from service.rest_api import PredictHotPath
+from service.store import ModelStore
+
+SPEC: dict[str, Any] = {
+    "input_dim": 4,
+    "layers": [{"units": 3, "activation": "softmax"}],
+    "loss": "softmax_cross_entropy",
+}
+KEEP_ALIVE = 0.3  # seconds
+
+
+class Transport(asyncio.Transport):
+    """Stands in for a socket: keeps what was written and whether it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closed_at: float | None = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed_at is not None
+
+    def close(self) -> None:
+        if self.closed_at is None:
+            self.closed_at = asyncio.get_running_loop().time()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+Connect = Callable[[], tuple[HotPathProtocol, Transport]]
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[Core]:
+    core = Core(ModelStore(tmp_path / "store"))
+    core.create_model("m", SPEC)
+    yield core
+    core.close()
+
+
+def run(core: Core, test: Callable[[Connect], Awaitable[None]]) -> None:
+    """Runs ``test`` with a way to open connections to a protocol over ``core``. Requests
+    other than a predict go to an app that answers after 3 keep-alive timeouts."""
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(3 * KEEP_ALIVE)
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]}
+        )
+        await send({"type": "http.response.body", "body": b"slow"})
+
+    async def main() -> None:
+        metrics = Metrics()
+        dispatcher = Dispatcher(core, busy_poll=0)
+        hot = PredictHotPath(
+            dispatcher, Authenticator({}), metrics, max_body=1 << 20, max_elements=1 << 20
+        )
+        protocol_type = protocol_class(hot)
+        config = uvicorn.Config(
+            slow_app, http=protocol_type, log_config=None, access_log=False, lifespan="off"
+        )
+        config.load()
+        state = ServerState()
+
+        def connect() -> tuple[HotPathProtocol, Transport]:
+            protocol = protocol_type(config=config, server_state=state, app_state={})
+            protocol.timeout_keep_alive = KEEP_ALIVE  # type: ignore[assignment]
+            transport = Transport()
+            protocol.connection_made(transport)
+            return protocol, transport
+
+        try:
+            await test(connect)
+        finally:
+            dispatcher.close()
+
+    asyncio.run(main())
+
+
+def predict() -> bytes:
+    body = json.dumps({"inputs": [[0.5, -1.0, 2.0, 0.25]]}).encode()
+    head = f"POST /v1/models/m/predict HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def test_an_idle_connection_closes_after_the_keep_alive_timeout(core: Core) -> None:
+    async def test(connect: Connect) -> None:
+        loop = asyncio.get_running_loop()
+        protocol, transport = connect()
+        protocol.data_received(predict())
+        answered = loop.time()
+        assert transport.written[-1].startswith(b"HTTP/1.1 200 OK")
+        await asyncio.sleep(KEEP_ALIVE * 0.5)
+        assert transport.closed_at is None
+        await asyncio.sleep(KEEP_ALIVE)
+        assert transport.closed_at is not None
+        assert transport.closed_at - answered >= KEEP_ALIVE
+
+    run(core, test)
+
+
+def test_a_connection_in_use_stays_open_and_closes_a_timeout_after_its_last_answer(
+    core: Core,
+) -> None:
+    async def test(connect: Connect) -> None:
+        loop = asyncio.get_running_loop()
+        protocol, transport = connect()
+        for _ in range(16):  # over 4 timeouts, a request every quarter of one
+            protocol.data_received(predict())
+            last = loop.time()
+            await asyncio.sleep(KEEP_ALIVE / 4)
+            assert transport.closed_at is None
+        await asyncio.sleep(KEEP_ALIVE * 1.2)
+        assert len(transport.written) == 16
+        assert all(w.startswith(b"HTTP/1.1 200 OK") for w in transport.written)
+        assert transport.closed_at is not None
+        assert transport.closed_at - last >= KEEP_ALIVE
+
+    run(core, test)
+
+
+def test_a_request_being_answered_is_never_cut_by_the_timeout(core: Core) -> None:
+    async def test(connect: Connect) -> None:
+        protocol, transport = connect()
+        protocol.data_received(predict())  # arms the timer
+        protocol.data_received(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        await asyncio.sleep(KEEP_ALIVE * 2)  # the timer fires meanwhile
+        assert transport.closed_at is None
+        await asyncio.sleep(KEEP_ALIVE * 1.5)
+        assert transport.written[-1].endswith(b"slow")
+        assert transport.closed_at is None  # the idle time starts with that answer
+        await asyncio.sleep(KEEP_ALIVE * 1.5)
+        assert transport.closed_at is not None
+
+    run(core, test)
+
+
+def test_a_lost_connection_leaves_no_timer(core: Core) -> None:
+    async def test(connect: Connect) -> None:
+        protocol, _ = connect()
+        protocol.data_received(predict())
+        assert protocol.timeout_keep_alive_task is not None
+        protocol.connection_lost(None)
+        assert protocol.timeout_keep_alive_task is None
+
+    run(core, test)
