@@ -69,7 +69,7 @@ class _HotCycle:
     message_event = _Event()
 
     def __init__(self, keep_alive: bool) -> None:
-        self.body = bytearray()
+        self.body: list[bytes] = []  # as the parser hands it over: usually one piece
         self.keep_alive = keep_alive
         self.more_body = True
         self.disconnected = False
@@ -163,7 +163,7 @@ class HotPathProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         cycle: object = self.cycle
         if isinstance(cycle, _HotCycle):
-            cycle.body += body
+            cycle.body.append(body)
         else:
             super().on_body(body)
 
@@ -174,6 +174,7 @@ class HotPathProtocol(HttpToolsProtocol):
             return
         cycle.more_body = False
         headers = self.headers
+        body = cycle.body[0] if len(cycle.body) == 1 else b"".join(cycle.body)
         # NOTE: a request pipelined behind this one is parsed from the same buffer before
         # this one is answered; uvicorn queues it because this cycle is not complete. With
         # one connection open, no other request can join this one's batch in this turn of the
@@ -181,7 +182,7 @@ class HotPathProtocol(HttpToolsProtocol):
         self.hot_path.handle(
             self._hot_model_name,
             headers,
-            bytes(cycle.body),
+            body,
             lambda *a: self._hot_reply(cycle, *a),
             alone=len(self.connections) == 1,
         )

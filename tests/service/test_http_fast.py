@@ -95,6 +95,7 @@ def run(core: Core, test: Callable[[Connect], Awaitable[None]]) -> None:
         )
         config.load()
         state = ServerState()
+        state.default_headers = [(b"date", b"Sat, 28 Nov 2026 20:00:00 GMT")]
 
         def connect() -> tuple[HotPathProtocol, Transport]:
             protocol = protocol_type(config=config, server_state=state, app_state={})
@@ -176,5 +177,43 @@ def test_a_lost_connection_leaves_no_timer(core: Core) -> None:
         assert protocol.timeout_keep_alive_task is not None
         protocol.connection_lost(None)
         assert protocol.timeout_keep_alive_task is None
+
+    run(core, test)
+
+
+def head_and_body(answer: bytes) -> tuple[list[bytes], Any]:
+    head, body = answer.split(b"\r\n\r\n", 1)
+    return head.split(b"\r\n"), json.loads(body)
+
+
+def test_a_request_in_pieces_is_answered_as_one(core: Core) -> None:
+    async def test(connect: Connect) -> None:
+        data = predict()
+        whole, whole_transport = connect()
+        whole.data_received(data)
+        pieces, transport = connect()
+        for cut in [(0, 10), (10, 40), (40, len(data) - 7), (len(data) - 7, len(data))]:
+            pieces.data_received(data[slice(*cut)])
+        await asyncio.sleep(0.05)  # two connections: answered on the next turn of the loop
+        assert len(transport.written) == 1
+        assert (
+            head_and_body(transport.written[0])[1] == head_and_body(whole_transport.written[0])[1]
+        )
+
+    run(core, test)
+
+
+def test_answers_carry_the_servers_current_date(core: Core) -> None:
+    async def test(connect: Connect) -> None:
+        protocol, transport = connect()
+        protocol.data_received(predict())
+        head, _ = head_and_body(transport.written[-1])
+        assert b"date: Sat, 28 Nov 2026 20:00:00 GMT" in head
+        # uvicorn replaces the list once a second
+        protocol.server_state.default_headers = [(b"date", b"Sat, 28 Nov 2026 20:00:01 GMT")]
+        protocol.data_received(predict())
+        head, _ = head_and_body(transport.written[-1])
+        assert b"date: Sat, 28 Nov 2026 20:00:01 GMT" in head
+        assert b"date: Sat, 28 Nov 2026 20:00:00 GMT" not in head
 
     run(core, test)
