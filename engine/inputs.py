@@ -40,8 +40,7 @@ def _require_finite(x: NDArray[Any], what: str) -> None:
         return
     bad = np.argwhere(~np.isfinite(x))[0]
     raise InputError(
-        f"{what} contain a non-finite value ({x[tuple(bad)]}) at index "
-        f"{tuple(int(i) for i in bad)}"
+        f"{what} contain a non-finite value ({x[tuple(bad)]}) at index {tuple(int(i) for i in bad)}"
     )
 
 

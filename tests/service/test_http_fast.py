@@ -1,6 +1,6 @@
-"""The REST protocol's own connection handling (service.http_fast), in process on a stand-in
-transport: when an idle keep-alive connection is closed, and that a busy one never is. (The
-HTTP framing, pipelining and answers are tested over real sockets in
+"""The REST protocol's own parts (service.http_fast), in process on a stand-in transport: which
+requests it reads without the parser, when an idle keep-alive connection is closed and that a
+busy one never is. (The HTTP framing, pipelining and answers are tested over real sockets in
 tests/e2e/test_rest_hot_path.py.)"""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from uvicorn.server import ServerState
 from service.auth import Authenticator
 from service.core import Core
 from service.dispatch import Dispatcher
-from service.http_fast import HotPathProtocol, protocol_class
+from service.http_fast import HotPathProtocol, plain_predict, protocol_class
 from service.metrics import Metrics
 from service.rest_api import PredictHotPath
 from service.store import ModelStore
@@ -215,5 +215,106 @@ def test_answers_carry_the_servers_current_date(core: Core) -> None:
         head, _ = head_and_body(transport.written[-1])
         assert b"date: Sat, 28 Nov 2026 20:00:01 GMT" in head
         assert b"date: Sat, 28 Nov 2026 20:00:00 GMT" not in head
+
+    run(core, test)
+
+
+BODY = b'{"inputs": [[0.5, -1.0, 2.0, 0.25]]}'
+
+
+def raw(head: str, body: bytes = BODY) -> bytes:
+    return head.replace("{n}", str(len(body))).replace("\n", "\r\n").encode() + body
+
+
+PLAIN = "POST /v1/models/m/predict HTTP/1.1\nHost: t\nContent-Length: {n}\n\n"
+
+
+def test_a_plain_request_is_read_without_the_parser() -> None:
+    assert plain_predict(raw(PLAIN), 1 << 20) == (
+        "m",
+        [(b"host", b"t"), (b"content-length", str(len(BODY)).encode())],
+        BODY,
+        True,
+    )
+    head = (
+        "POST /v1/models/m/predict HTTP/1.1\nX-Request-ID:  abc \t\nConnection: keep-alive, Close\n"
+    )
+    model, headers, body, keep_alive = plain_predict(  # type: ignore[misc]
+        raw(head + "content-length: {n}\n\n"), 1 << 20
+    )
+    assert (model, body, keep_alive) == ("m", BODY, False)
+    assert (b"x-request-id", b"abc") in headers
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        raw(PLAIN.replace("HTTP/1.1", "HTTP/1.0")),
+        raw(PLAIN.replace("POST", "PUT")),
+        raw(PLAIN.replace("/predict", "/predict?x=1")),
+        raw(PLAIN.replace("/predict", ":predict")),
+        raw(PLAIN.replace("/m/", "/M/")),
+        raw(PLAIN.replace("POST /", "POST  /")),
+        raw("POST /v1/models/m/predict HTTP/1.1\nHost: t\n\n"),  # no length
+        raw(PLAIN.replace("Host: t", "Content-Length: {n}")),  # twice
+        raw(PLAIN.replace("Content-Length: {n}", "Content-Length: +{n}")),
+        raw(PLAIN.replace("Content-Length: {n}", "Content-Length: {n} 0")),
+        raw(PLAIN.replace("Host: t", "Transfer-Encoding: chunked")),
+        raw(PLAIN.replace("Host: t", "Expect: 100-continue")),
+        raw(PLAIN.replace("Host: t", "Upgrade: websocket")),
+        raw(PLAIN.replace("Host: t", "Connection: Upgrade")),
+        raw(PLAIN.replace("Host: t", "Host: t\n folded")),  # obsolete line folding
+        raw(PLAIN.replace("Host: t", "Bad Name: t")),
+        raw(PLAIN.replace("Host: t", ": t")),
+        raw(PLAIN.replace("Host: t", "Host t")),
+        raw(PLAIN.replace("Host: t", "Host: t\x01")),
+        raw(PLAIN.replace("Host: t", "Host: t\u00e9")),
+        raw(PLAIN).replace(b"Host: t\r\n", b"Host: t\n"),  # a bare line feed
+        raw(PLAIN).replace(b"Host: t\r\n", b"Host: t\rX: y\r\n"),  # a bare carriage return
+        raw(PLAIN)[:-1],  # the body not all there
+        raw(PLAIN) + b"P",  # the next request's first byte
+        raw(PLAIN)[:30],  # the head not all there
+    ],
+)
+def test_anything_less_plain_is_left_to_the_parser(data: bytes) -> None:
+    assert plain_predict(data, 1 << 20) is None
+
+
+def test_a_body_over_the_limit_is_left_to_the_parser() -> None:
+    assert plain_predict(raw(PLAIN), len(BODY)) is not None
+    assert plain_predict(raw(PLAIN), len(BODY) - 1) is None
+
+
+def test_bytes_inside_a_request_are_never_read_as_a_request(core: Core) -> None:
+    """Bytes that arrive in a read of their own and look like a whole predict request are
+    still part of the request the parser is reading: here, a header's value and more."""
+
+    async def test(connect: Connect) -> None:
+        protocol, transport = connect()
+        protocol.data_received(
+            b"POST /v1/models/m/predict HTTP/1.1\r\nX-Request-ID: outer\r\nX-Note: "
+        )
+        protocol.data_received(predict().replace(b"Host: t", b"X-Request-ID: inner"))
+        assert len(transport.written) == 1
+        head, _ = head_and_body(transport.written[0])
+        assert head[0] == b"HTTP/1.1 200 OK"
+        assert b"x-request-id: outer" in head  # the first of the outer request's two
+        protocol.data_received(predict())  # the next request: read whole again
+        assert len(transport.written) == 2
+        assert transport.written[-1].startswith(b"HTTP/1.1 200 OK")
+
+    run(core, test)
+
+
+def test_no_request_is_read_after_one_that_closes_the_connection(core: Core) -> None:
+    async def test(connect: Connect) -> None:
+        protocol, transport = connect()
+        closing = predict().replace(b"Host: t\r\n", b"Host: t\r\nConnection: close\r\n")
+        protocol.data_received(closing)
+        assert transport.written[-1].startswith(b"HTTP/1.1 200 OK")
+        assert b"connection: close" in transport.written[-1]
+        assert transport.closed_at is not None
+        protocol.data_received(predict())
+        assert len(transport.written) == 1
 
     run(core, test)
