@@ -38,10 +38,8 @@ def all_finite(x: NDArray[np.floating]) -> bool:
 def _require_finite(x: NDArray[Any], what: str) -> None:
     if all_finite(x):
         return
-    bad = np.argwhere(~np.isfinite(x))[0]
-    raise InputError(
-        f"{what} contain a non-finite value ({x[tuple(bad)]}) at index {tuple(int(i) for i in bad)}"
-    )
+    at = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+    raise InputError(f"{what} contain a non-finite value ({x[at]}) at index {at}")
 
 
 def check_inputs(spec: ModelSpec, x: Any) -> NDArray[np.floating]:
