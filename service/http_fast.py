@@ -30,14 +30,30 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 #: Largest body taken by the hot path; larger ones go through the ASGI admission control.
 HOT_BODY_LIMIT = 256 << 10
 
-_PREDICT_URL = re.compile(rb"/v1/models/([a-z0-9][a-z0-9._-]{0,63})/predict")
-_PREDICT_LINE = re.compile(rb"POST /v1/models/([a-z0-9][a-z0-9._-]{0,63})/predict HTTP/1\.1\r\n")
+_PREDICT_PATH = rb"/v1/models/([a-z0-9][a-z0-9._-]{0,63})/predict"
+_PREDICT_URL = re.compile(_PREDICT_PATH)
+_PREDICT_LINE = re.compile(rb"POST " + _PREDICT_PATH + rb" HTTP/1\.1\r\n")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's field names
 _NOT_VISIBLE = re.compile(rb"[^\t\x20-\x7e]")  # field values: visible ASCII, space and tab
-#: Fields that make a request anything but plain: the parser's path takes it.
-_NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+#: Fields that make a request anything but plain: the parser's path takes it (and
+#: Transfer-Encoding, see _body_length).
+_NOT_PLAIN = frozenset({b"expect", b"upgrade"})
 
 Headers = list[tuple[bytes, bytes]]
+
+
+def _body_length(headers: Headers, max_body: int) -> int | None:
+    """The body's length for the hot path: one Content-Length of digits, at most
+    ``max_body``; None without one, with several, or with a Transfer-Encoding."""
+    length = None
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+        elif name == b"transfer-encoding":
+            return None
+    return length if length is not None and length <= max_body else None
 
 
 def plain_predict(data: bytes, max_body: int) -> tuple[str, Headers, bytes, bool] | None:
@@ -63,7 +79,6 @@ def plain_predict(data: bytes, max_body: int) -> tuple[str, Headers, bytes, bool
     if end < 0:
         return None
     headers: Headers = []
-    length: int | None = None
     keep_alive = True
     if end >= start:
         for line in data[start:end].split(b"\r\n"):
@@ -71,11 +86,7 @@ def plain_predict(data: bytes, max_body: int) -> tuple[str, Headers, bytes, bool
             if not colon or _TOKEN.fullmatch(name) is None or _NOT_VISIBLE.search(value):
                 return None
             name, value = name.lower(), value.strip(b" \t")
-            if name == b"content-length":
-                if length is not None or not value.isdigit():
-                    return None
-                length = int(value)
-            elif name in _NOT_PLAIN:
+            if name in _NOT_PLAIN:
                 return None
             elif name == b"connection":
                 options = {option.strip(b" \t") for option in value.lower().split(b",")}
@@ -83,7 +94,8 @@ def plain_predict(data: bytes, max_body: int) -> tuple[str, Headers, bytes, bool
                     return None
                 keep_alive = b"close" not in options
             headers.append((name, value))
-    if length is None or length > max_body or len(data) != end + 4 + length:
+    length = _body_length(headers, max_body)
+    if length is None or len(data) != end + 4 + length:
         return None
     return request.group(1).decode("ascii"), headers, data[end + 4 :], keep_alive
 
@@ -229,15 +241,7 @@ class HotPathProtocol(HttpToolsProtocol):
         match = _PREDICT_URL.fullmatch(self.url)
         if match is None:
             return None
-        length = None
-        for name, value in self.headers:
-            if name == b"content-length":
-                if length is not None or not value.isdigit():
-                    return None
-                length = int(value)
-            elif name == b"transfer-encoding":
-                return None
-        if length is None or length > min(HOT_BODY_LIMIT, self.hot_path.max_body):
+        if _body_length(self.headers, min(HOT_BODY_LIMIT, self.hot_path.max_body)) is None:
             return None
         return match.group(1).decode("ascii")
 
