@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -38,6 +39,7 @@ LATENCY_BUCKETS = (
     10.0,
 )
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 
 
 class _Histogram:
@@ -123,7 +125,7 @@ def _histogram(
 
 class Metrics:
     """Requests by method, transport and code; latencies; predictions and training samples;
-    step, last loss and versions per model."""
+    step, last loss and versions per model; the garbage collector's pauses."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -156,6 +158,26 @@ class Metrics:
         self.versions = Gauge(
             "propserve_model_versions", "Saved versions on disk.", ["model"], registry=r
         )
+        self.gc_pauses = Histogram(
+            "propserve_gc_pause_seconds",
+            "Runs of Python's cyclic garbage collector, by generation, and how long each held "
+            "the interpreter (every thread's Python code waits meanwhile). Generation 2 "
+            "includes the full collection after each burst (see propserve_heap_trims).",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=r,
+        )
+        self._gc_started = 0.0
+
+    def gc_callback(self, phase: str, info: dict[str, Any]) -> None:
+        """For ``gc.callbacks``: times each collection (they never overlap: one runs at a
+        time, with the GIL held)."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pauses.labels(str(info["generation"])).observe(
+                time.perf_counter() - self._gc_started
+            )
 
     def observe(self, method: str, transport: str, code: str, seconds: float) -> None:
         hot = self._hot

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from service.core import Core, Limits
 from service.dispatch import Dispatcher
 from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, build_server
 from service.http_fast import protocol_class
-from service.memory import IdleTrim, collect_and_trim, malloc_trim
+from service.memory import IdleTrim, collect_and_freeze, collect_and_trim, malloc_trim
 from service.metrics import Metrics
 from service.rest_api import PredictHotPath, create_app
 from service.store import ModelStore
@@ -97,6 +98,8 @@ class Server:
         self.core.begin_shutdown()
         await asyncio.get_running_loop().run_in_executor(None, self.core.close)
         self.dispatcher.close()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self.core.metrics.gc_callback)
         self.stopped.set()
         log.info("server.stopped")
 
@@ -229,6 +232,10 @@ async def start(settings: Settings) -> Server:
 
         idle = IdleTrim(lambda: metrics.answered, lambda: not dispatcher.working, release_and_count)
         server.trim_task = asyncio.create_task(idle.run())
+    # Start-up's objects live as long as the process: out of the collector's way (see
+    # service.memory.collect_and_freeze), before the first request.
+    collect_and_freeze()
+    gc.callbacks.append(metrics.gc_callback)
     server.ready = True
     if settings.ready_file is not None:
         _write_ready_file(settings.ready_file, server)

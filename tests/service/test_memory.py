@@ -1,14 +1,23 @@
-"""service.memory: the heap is trimmed once per burst of requests, when the server idles."""
+"""service.memory: the heap is trimmed once per burst of requests, when the server idles, and
+what survives is frozen out of the collector's automatic runs."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import sys
+import weakref
+from collections.abc import Iterator
 
 import pytest
 
-from service.memory import IdleTrim, collect_and_trim, limit_arenas, malloc_trim
+from service.memory import (
+    IdleTrim,
+    collect_and_freeze,
+    collect_and_trim,
+    limit_arenas,
+    malloc_trim,
+)
 
 
 def looks(steps: list[tuple[int, bool]]) -> list[bool]:
@@ -70,20 +79,55 @@ def test_malloc_trim_is_found_and_callable_here() -> None:
     assert trim() in (0, 1)  # 1: memory was released, 0: there was none to release
 
 
-def test_a_release_collects_garbage_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_release_collects_and_freezes_before_it_trims(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-
-    def collect() -> int:
-        calls.append("collect")
-        return 0
 
     def trim() -> int:
         calls.append("trim")
         return 1
 
-    monkeypatch.setattr(gc, "collect", collect)
+    for name in ("unfreeze", "collect", "freeze"):
+        monkeypatch.setattr(gc, name, lambda name=name: calls.append(name))
     assert collect_and_trim(trim)() == 1
-    assert calls == ["collect", "trim"]
+    assert calls == ["unfreeze", "collect", "freeze", "trim"]
+
+
+class Node:
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    """The test process's collector as it was: nothing frozen, before and after."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.mark.usefixtures("unfrozen")
+def test_survivors_are_frozen_and_later_garbage_among_them_is_still_found() -> None:
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the cyclic collector frees it
+    alive = weakref.ref(a)
+    collect_and_freeze()
+    assert gc.get_freeze_count() > 0
+    assert gc.is_tracked(a)
+    del a, b
+    gc.collect()
+    assert alive() is not None  # frozen: the collector's runs no longer look at it
+    collect_and_freeze()
+    assert alive() is None  # the next release unfreezes first, and finds it
+
+
+@pytest.mark.usefixtures("unfrozen")
+def test_garbage_present_when_freezing_is_collected_not_frozen() -> None:
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    alive = weakref.ref(a)
+    del a, b
+    collect_and_freeze()
+    assert alive() is None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

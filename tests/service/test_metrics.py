@@ -4,7 +4,9 @@ prometheus_client's own Counter and Histogram render the same observations."""
 from __future__ import annotations
 
 import random
+import re
 import threading
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -119,3 +121,16 @@ def test_scrapes_and_probes_are_not_activity() -> None:
         metrics.render().decode()
     )
     assert "propserve_heap_trims_total 0.0" in metrics.render().decode()
+
+
+def test_collector_pauses_are_timed_by_generation() -> None:
+    metrics = Metrics()
+    metrics.gc_callback("start", {"generation": 1})
+    time.sleep(0.003)
+    metrics.gc_callback("stop", {"generation": 1, "collected": 0, "uncollectable": 0})
+    text = metrics.render().decode()
+    assert 'propserve_gc_pause_seconds_count{generation="1"} 1.0' in text
+    assert 'propserve_gc_pause_seconds_bucket{generation="1",le="0.002"} 0.0' in text
+    total = re.search(r'^propserve_gc_pause_seconds_sum\{generation="1"\} (\S+)$', text, re.M)
+    assert total is not None and float(total.group(1)) >= 0.003
+    assert 'generation="0"' not in text and 'generation="2"' not in text
