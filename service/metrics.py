@@ -16,7 +16,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -123,6 +123,42 @@ def _histogram(
     return family
 
 
+class _CollectorPauses(Collector):
+    """How long each run of Python's cyclic garbage collector took, by generation.
+
+    NOTE: no lock here, on purpose. A collection starts inside whatever allocation set it
+    off, also one made while its thread holds a lock, and prometheus_client's locks are not
+    reentrant: a callback that took one could wait for itself. Collections never overlap
+    and run with the GIL held, and a callback only updates a list's ints and a float; a
+    scrape may read one pause half-recorded.
+    """
+
+    def __init__(self) -> None:
+        self.generations = [_Histogram(GC_PAUSE_BUCKETS) for _ in range(3)]
+        self._started = 0.0
+
+    def callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.generations[info["generation"]].observe(time.perf_counter() - self._started)
+
+    def collect(self) -> Iterator[Metric]:
+        yield _histogram(
+            "propserve_gc_pause_seconds",
+            "Runs of Python's cyclic garbage collector by generation, and how long each held "
+            "the interpreter (every thread's Python code waits meanwhile). Generation 2 "
+            "includes the full collection after each burst (see propserve_heap_trims).",
+            ["generation"],
+            GC_PAUSE_BUCKETS,
+            {
+                (str(generation),): (list(h.counts), h.total)
+                for generation, h in enumerate(self.generations)
+                if any(h.counts)
+            },
+        )
+
+
 class Metrics:
     """Requests by method, transport and code; latencies; predictions and training samples;
     step, last loss and versions per model; the garbage collector's pauses."""
@@ -158,26 +194,12 @@ class Metrics:
         self.versions = Gauge(
             "propserve_model_versions", "Saved versions on disk.", ["model"], registry=r
         )
-        self.gc_pauses = Histogram(
-            "propserve_gc_pause_seconds",
-            "Runs of Python's cyclic garbage collector, by generation, and how long each held "
-            "the interpreter (every thread's Python code waits meanwhile). Generation 2 "
-            "includes the full collection after each burst (see propserve_heap_trims).",
-            ["generation"],
-            buckets=GC_PAUSE_BUCKETS,
-            registry=r,
-        )
-        self._gc_started = 0.0
+        self._gc = _CollectorPauses()
+        r.register(self._gc)
 
     def gc_callback(self, phase: str, info: dict[str, Any]) -> None:
-        """For ``gc.callbacks``: times each collection (they never overlap: one runs at a
-        time, with the GIL held)."""
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        else:
-            self.gc_pauses.labels(str(info["generation"])).observe(
-                time.perf_counter() - self._gc_started
-            )
+        """For ``gc.callbacks``: times each run of the cyclic garbage collector."""
+        self._gc.callback(phase, info)
 
     def observe(self, method: str, transport: str, code: str, seconds: float) -> None:
         hot = self._hot

@@ -3,6 +3,7 @@ prometheus_client's own Counter and Histogram render the same observations."""
 
 from __future__ import annotations
 
+import gc
 import random
 import re
 import threading
@@ -134,3 +135,27 @@ def test_collector_pauses_are_timed_by_generation() -> None:
     total = re.search(r'^propserve_gc_pause_seconds_sum\{generation="1"\} (\S+)$', text, re.M)
     assert total is not None and float(total.group(1)) >= 0.003
     assert 'generation="0"' not in text and 'generation="2"' not in text
+
+
+def test_scrapes_complete_while_collections_run_at_nearly_every_allocation() -> None:
+    """The callback runs inside whatever allocation set a collection off, scrapes included."""
+    metrics = Metrics()
+    gc.callbacks.append(metrics.gc_callback)
+    threshold = gc.get_threshold()
+    rendered: list[bytes] = []
+    try:
+        gc.set_threshold(1)  # a collection at nearly every allocation of a container
+
+        def scrape() -> None:
+            for _ in range(50):
+                rendered.append(metrics.render())
+
+        thread = threading.Thread(target=scrape, daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(metrics.gc_callback)
+    assert not thread.is_alive(), "the scrape is stuck"
+    assert len(rendered) == 50
+    assert b'propserve_gc_pause_seconds_count{generation="0"}' in rendered[-1]
