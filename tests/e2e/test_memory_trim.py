@@ -14,19 +14,21 @@ from service.memory import malloc_trim
 from tests.support.server import ServerProcess
 
 
-def trims(client: httpx.Client) -> float:
+def sample(client: httpx.Client, name: str) -> float | None:
+    """The value of one sample (name and labels as rendered) at /metrics, or None."""
     text = client.get("/metrics").text
-    match = re.search(r"^propserve_heap_trims_total (\S+)$", text, re.MULTILINE)
-    assert match is not None, "the metrics lack propserve_heap_trims_total"
-    return float(match.group(1))
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def trims(client: httpx.Client) -> float:
+    value = sample(client, "propserve_heap_trims_total")
+    assert value is not None, "the metrics lack propserve_heap_trims_total"
+    return value
 
 
 def full_collections(client: httpx.Client) -> float:
-    text = client.get("/metrics").text
-    match = re.search(
-        r'^propserve_gc_pause_seconds_count\{generation="2"\} (\S+)$', text, re.MULTILINE
-    )
-    return float(match.group(1)) if match else 0.0
+    return sample(client, 'propserve_gc_pause_seconds_count{generation="2"}') or 0.0
 
 
 def settled(client: httpx.Client, *, scrape_every: float = 0.5, quiet: float = 3.0) -> float:
