@@ -71,23 +71,23 @@ def collect_and_freeze() -> None:
     all of it: traced in the server under ``bench/service.py --quick``, 3 automatic full
     collections during the loads took 33-49 ms each, with the GIL held, so every request and
     the training step in a worker waited that long. With the survivors frozen they took
-    0.05-7.5 ms. Nothing stays out of reach for good where the server releases memory after
-    bursts (glibc): each call unfreezes everything first, so cyclic garbage among objects
-    frozen earlier is found by the next call.
+    0.05-7.5 ms. Nothing stays out of reach for good: the server calls this after every
+    burst (see :func:`after_bursts`), and each call unfreezes everything first, so cyclic
+    garbage among objects frozen earlier is found by the next call.
     """
     gc.unfreeze()
     gc.collect()
     gc.freeze()
 
 
-def collect_and_trim(trim: Callable[[], object]) -> Callable[[], object]:
+def collect_and_trim(trim: Callable[[], object] | None) -> Callable[[], object]:
     """A release that first collects cyclic garbage (a burst's exceptions, tracebacks and
     futures can hold request buffers until the next full collection) and freezes the
-    survivors (see :func:`collect_and_freeze`), then trims."""
+    survivors (see :func:`collect_and_freeze`), then trims where there is a ``trim``."""
 
     def release() -> object:
         collect_and_freeze()
-        return trim()
+        return None if trim is None else trim()
 
     return release
 
@@ -136,3 +136,28 @@ class IdleTrim:
             except Exception:  # never fatal: the memory just stays with the process
                 log.exception("memory.trim_failed")
             self.releases += 1
+
+
+def after_bursts(
+    activity: Callable[[], int],
+    quiet: Callable[[], bool],
+    trimmed: Callable[[], object],
+    idle: float = IDLE_SECONDS,
+) -> IdleTrim:
+    """The server's release after each burst: collect, freeze and, with glibc, trim the heap
+    (``trimmed`` is called after each trim).
+
+    NOTE: the release runs where the C library cannot trim too (musl, macOS): start-up's
+    freeze is undone only by a release, so without one cyclic garbage among the objects
+    frozen at start-up would stay for the life of the process.
+    """
+    trim = malloc_trim()
+    release = collect_and_trim(trim)
+
+    def release_and_count() -> object:
+        result = release()
+        if trim is not None:
+            trimmed()
+        return result
+
+    return IdleTrim(activity, quiet, release_and_count, idle)

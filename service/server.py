@@ -31,7 +31,7 @@ from service.core import Core, Limits
 from service.dispatch import Dispatcher
 from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, build_server
 from service.http_fast import protocol_class
-from service.memory import IdleTrim, collect_and_freeze, collect_and_trim, malloc_trim
+from service.memory import after_bursts, collect_and_freeze
 from service.metrics import Metrics
 from service.rest_api import PredictHotPath, create_app
 from service.store import ModelStore
@@ -221,17 +221,10 @@ async def start(settings: Settings) -> Server:
     server.rest_port = rest.servers[0].sockets[0].getsockname()[1]
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    trim = malloc_trim()
-    if trim is not None:
-        release = collect_and_trim(trim)
-
-        def release_and_count() -> object:
-            result = release()
-            metrics.heap_trims.inc()
-            return result
-
-        idle = IdleTrim(lambda: metrics.answered, lambda: not dispatcher.working, release_and_count)
-        server.trim_task = asyncio.create_task(idle.run())
+    idle = after_bursts(
+        lambda: metrics.answered, lambda: not dispatcher.working, metrics.heap_trims.inc
+    )
+    server.trim_task = asyncio.create_task(idle.run())
     # Start-up's objects live as long as the process: out of the collector's way (see
     # service.memory.collect_and_freeze), before the first request.
     collect_and_freeze()

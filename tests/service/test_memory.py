@@ -11,8 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from service import memory
 from service.memory import (
     IdleTrim,
+    after_bursts,
     collect_and_freeze,
     collect_and_trim,
     limit_arenas,
@@ -136,3 +138,42 @@ def test_arenas_are_capped_unless_the_environment_says(monkeypatch: pytest.Monke
     assert limit_arenas(8) is True  # glibc's own cap on 64-bit: 8 per core; harmless here
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert limit_arenas() is False
+
+
+def test_a_release_without_malloc_trim_still_collects_and_freezes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    for name in ("unfreeze", "collect", "freeze"):
+        monkeypatch.setattr(gc, name, lambda name=name: calls.append(name))
+    assert collect_and_trim(None)() is None
+    assert calls == ["unfreeze", "collect", "freeze"]
+
+
+@pytest.mark.parametrize("glibc", [True, False])
+def test_the_release_after_bursts_collects_everywhere_and_counts_only_trims(
+    monkeypatch: pytest.MonkeyPatch, glibc: bool
+) -> None:
+    """Where the C library cannot trim (musl, macOS) the release still runs: it is what
+    unfreezes start-up's objects, so their cyclic garbage is found at last."""
+    calls: list[str] = []
+    trim = (lambda: calls.append("trim") or 1) if glibc else None
+    monkeypatch.setattr(memory, "malloc_trim", lambda: trim)
+    monkeypatch.setattr(memory, "collect_and_freeze", lambda: calls.append("collect"))
+    activity = [0]
+    idle = after_bursts(
+        lambda: activity[0], lambda: True, lambda: calls.append("counted"), idle=0.01
+    )
+
+    async def one_burst() -> int:
+        task = asyncio.create_task(idle.run())
+        activity[0] = 1
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if idle.releases:
+                break
+        task.cancel()
+        return idle.releases
+
+    assert asyncio.run(one_burst()) == 1
+    assert calls == (["collect", "trim", "counted"] if glibc else ["collect"])
