@@ -21,7 +21,9 @@ stream of batch-256 steps) against ``engine.Network.train_step`` on the same bat
 process, in alternating rounds.
 The server's load runs twice; its resident memory (VmRSS) is read before, between and after,
 each time once the server has trimmed its heap after the load (propserve_heap_trims_total
-moved), and the second run's growth must stay within 10%. The figures reported are the second run's.
+moved), and the second run's growth must stay within 10%. The figures reported are the second run's,
+and so are the server's garbage-collector runs (propserve_gc_pause_seconds by generation: runs,
+time in all and runs over 10 ms; every thread's Python code waits through each).
 
 Load generation is cheap on purpose (the host has 2 cores, shared with the server): gRPC
 goes through one grpc.aio channel with pre-serialized request bytes and undecoded replies;
@@ -181,17 +183,40 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def heap_trims(port: int) -> float | None:
-    """The server's propserve_heap_trims_total (None where it does not trim: not glibc).
-    Scrapes are not activity to the server, so reading it does not delay a trim."""
+def scrape(port: int) -> bytes:
+    """The server's /metrics. Scrapes are not activity to the server, so reading them does
+    not delay a trim."""
     head = f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head.encode())
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    match = re.search(rb"^propserve_heap_trims_total (\S+)$", b"".join(chunks), re.MULTILINE)
+    return b"".join(chunks)
+
+
+def heap_trims(port: int) -> float | None:
+    """The server's propserve_heap_trims_total (None where it does not trim: not glibc)."""
+    match = re.search(rb"^propserve_heap_trims_total (\S+)$", scrape(port), re.MULTILINE)
     return float(match.group(1)) if match else None
+
+
+def gc_pauses(port: int) -> dict[str, tuple[int, float, int]]:
+    """The server's collector runs so far, by generation: (runs, seconds in all, runs over
+    10 ms), from propserve_gc_pause_seconds."""
+    text = scrape(port).decode()
+    runs: dict[str, tuple[int, float, int]] = {}
+    for generation in ("0", "1", "2"):
+        label = f'generation="{generation}"'
+        count = re.search(rf"^propserve_gc_pause_seconds_count{{{label}}} (\S+)$", text, re.M)
+        total = re.search(rf"^propserve_gc_pause_seconds_sum{{{label}}} (\S+)$", text, re.M)
+        within = re.search(
+            rf'^propserve_gc_pause_seconds_bucket{{{label},le="0\.01"}} (\S+)$', text, re.M
+        )
+        if count and total and within:
+            n = int(float(count.group(1)))
+            runs[generation] = (n, float(total.group(1)), n - int(float(within.group(1))))
+    return runs
 
 
 async def settled_rss_kib(server: Child) -> int:
@@ -912,7 +937,7 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
     print(header)
     print("-" * len(header))
     for r in results:
-        if r["op"] == "rss":
+        if r["op"] in ("rss", "gc"):
             continue
         base = r.get("baseline")
         if base is None:
@@ -946,6 +971,41 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
                 f"{'met' if r['met'] else 'MISSED'})"
             )
             print(f"load generator CPU: {r['client_cpu_s']:.1f} s in all")
+        elif r["op"] == "gc":
+            runs = ", ".join(
+                f"generation {g}: {v['runs']} runs, {v['seconds'] * 1e3:.1f} ms, "
+                f"{v['over_10ms']} over 10 ms"
+                for g, v in sorted(r["generations"].items())
+            )
+            released = r["idle_releases"]
+            idle = "" if released is None else f"; after-burst releases among them: {released:.0f}"
+            print(f"server's collector during load 2: {runs or 'no runs'}{idle}")
+
+
+def collector_row(
+    before: dict[str, tuple[int, float, int]],
+    after: dict[str, tuple[int, float, int]],
+    releases: float | None,
+) -> dict[str, Any]:
+    """The server's collector runs during the second load, by generation; ``releases``:
+    the server's after-burst releases meanwhile (each one is a full collection, at idle,
+    between two cases), None where it does not trim."""
+    generations = {}
+    for generation, (runs, seconds, long) in after.items():
+        runs0, seconds0, long0 = before.get(generation, (0, 0.0, 0))
+        generations[generation] = {
+            "runs": runs - runs0,
+            "seconds": seconds - seconds0,
+            "over_10ms": long - long0,
+        }
+    return {
+        "transport": "-",
+        "op": "gc",
+        "rows": 0,
+        "concurrency": 0,
+        "generations": generations,
+        "idle_releases": releases,
+    }
 
 
 async def benchmark(
@@ -983,7 +1043,11 @@ async def benchmark(
         before = await settled_rss_kib(server)
         await run_load(plan, server, None, payloads, train, wrk, work)
         after_1 = await settled_rss_kib(server)
+        port = server.ports["rest_port"]
+        collected_before, trims_before = gc_pauses(port), heap_trims(port)
         results = await run_load(plan, server, echoes, payloads, train, wrk, work)
+        # Read before the server's release after the load, whose full collection runs idle.
+        collected_after, trims_after = gc_pauses(port), heap_trims(port)
         after_2 = await settled_rss_kib(server)
     finally:
         for child in reversed(children):
@@ -1012,6 +1076,8 @@ async def benchmark(
             "client_cpu_s": client_cpu,
         }
     )
+    releases = None if trims_before is None else (trims_after or 0) - trims_before
+    results.append(collector_row(collected_before, collected_after, releases))
     info.update(
         forward_s=forward_s,
         forward_after_idle_s=forward_idle_s,
