@@ -157,8 +157,12 @@ def test_the_release_after_bursts_collects_everywhere_and_counts_only_trims(
     """Where the C library cannot trim (musl, macOS) the release still runs: it is what
     unfreezes start-up's objects, so their cyclic garbage is found at last."""
     calls: list[str] = []
-    trim = (lambda: calls.append("trim") or 1) if glibc else None
-    monkeypatch.setattr(memory, "malloc_trim", lambda: trim)
+
+    def trim() -> int:
+        calls.append("trim")
+        return 1
+
+    monkeypatch.setattr(memory, "malloc_trim", lambda: trim if glibc else None)
     monkeypatch.setattr(memory, "collect_and_freeze", lambda: calls.append("collect"))
     activity = [0]
     idle = after_bursts(
