@@ -198,16 +198,18 @@ def scrape(port: int) -> bytes:
     return b"".join(chunks)
 
 
-def heap_trims(port: int) -> float | None:
-    """The server's propserve_heap_trims_total (None where it does not trim: not glibc)."""
-    match = re.search(rb"^propserve_heap_trims_total (\S+)$", scrape(port), re.MULTILINE)
+def heap_trims(port: int, metrics: bytes | None = None) -> float | None:
+    """The server's propserve_heap_trims_total (None where it does not trim: not glibc),
+    from ``metrics`` when given (a scrape), else from a new scrape."""
+    text = scrape(port) if metrics is None else metrics
+    match = re.search(rb"^propserve_heap_trims_total (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else None
 
 
-def gc_pauses(port: int) -> dict[str, tuple[int, float, int]]:
+def gc_pauses(metrics: bytes) -> dict[str, tuple[int, float, int]]:
     """The server's collector runs so far, by generation: (runs, seconds in all, runs over
-    10 ms), from propserve_gc_pause_seconds."""
-    text = scrape(port).decode()
+    10 ms), from propserve_gc_pause_seconds in a scrape."""
+    text = metrics.decode()
     runs: dict[str, tuple[int, float, int]] = {}
     for generation in ("0", "1", "2"):
         label = f'generation="{generation}"'
@@ -1066,10 +1068,12 @@ async def benchmark(
         await run_load(plan, server, None, payloads, train, wrk, work)
         after_1 = await settled_rss_kib(server)
         port = server.ports["rest_port"]
-        collected_before, trims_before = gc_pauses(port), heap_trims(port)
+        metrics = scrape(port)
+        collected_before, trims_before = gc_pauses(metrics), heap_trims(port, metrics)
         results = await run_load(plan, server, echoes, payloads, train, wrk, work)
         # Read before the server's release after the load, whose full collection runs idle.
-        collected_after, trims_after = gc_pauses(port), heap_trims(port)
+        metrics = scrape(port)
+        collected_after, trims_after = gc_pauses(metrics), heap_trims(port, metrics)
         after_2 = await settled_rss_kib(server)
     finally:
         for child in reversed(children):

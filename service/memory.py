@@ -80,14 +80,21 @@ def collect_and_freeze() -> None:
     gc.freeze()
 
 
-def collect_and_trim(trim: Callable[[], object] | None) -> Callable[[], object]:
+def collect_and_trim(
+    trim: Callable[[], object] | None, trimmed: Callable[[], object] = lambda: None
+) -> Callable[[], object]:
     """A release that first collects cyclic garbage (a burst's exceptions, tracebacks and
     futures can hold request buffers until the next full collection) and freezes the
-    survivors (see :func:`collect_and_freeze`), then trims where there is a ``trim``."""
+    survivors (see :func:`collect_and_freeze`), then trims where there is a ``trim``
+    (calling ``trimmed`` after it)."""
 
     def release() -> object:
         collect_and_freeze()
-        return None if trim is None else trim()
+        if trim is None:
+            return None
+        result = trim()
+        trimmed()
+        return result
 
     return release
 
@@ -151,13 +158,4 @@ def after_bursts(
     freeze is undone only by a release, so without one cyclic garbage among the objects
     frozen at start-up would stay for the life of the process.
     """
-    trim = malloc_trim()
-    release = collect_and_trim(trim)
-
-    def release_and_count() -> object:
-        result = release()
-        if trim is not None:
-            trimmed()
-        return result
-
-    return IdleTrim(activity, quiet, release_and_count, idle)
+    return IdleTrim(activity, quiet, collect_and_trim(malloc_trim(), trimmed), idle)
