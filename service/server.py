@@ -257,11 +257,21 @@ def _write_ready_file(path: Path, server: Server) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop."""
-    server = await start(settings)
+    """Run until SIGTERM or SIGINT, then drain and stop.
+
+    The handlers are installed before start-up: a signal that arrives while the server
+    starts, or just after it has said it is ready, is a request to drain like any other,
+    not the default action's kill (an orchestrator may stop a server it has just seen
+    ready).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    try:
+        server = await start(settings)
+        await stop.wait()
+        await server.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -778,6 +781,52 @@ def test_sigterm_drains_saves_unsaved_heads_and_restarts(tmp_path: Path) -> None
             assert client.get_model("untouched").head_step == 0
     finally:
         assert restarted.stop() == 0
+
+
+# A child that runs ``propserve serve`` with SIGTERM sent to itself at one moment of
+# start-up: before the server starts, or the moment it has said it is ready.
+_SIGNAL_DURING_START = """
+import asyncio, os, signal, sys
+import service.server as server
+from service.cli import main
+
+real_start = server.start
+
+async def start(settings):
+    if sys.argv[1] == "before":
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0)
+    started = await real_start(settings)
+    if sys.argv[1] == "after-ready":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return started
+
+server.start = start
+sys.exit(main(["serve"]))
+"""
+
+
+@pytest.mark.parametrize("moment", ["before", "after-ready"])
+def test_sigterm_during_start_up_drains_instead_of_killing(tmp_path: Path, moment: str) -> None:
+    """An orchestrator may stop a server it has just seen ready; that is a drain, exit 0."""
+    env = {
+        **os.environ,
+        "PROPSERVE_REST_PORT": "0",
+        "PROPSERVE_GRPC_PORT": "0",
+        "PROPSERVE_STORE": str(tmp_path / "store"),
+        "PROPSERVE_GRACE_SECONDS": "5",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_DURING_START, moment],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "server.ready" in done.stderr and "server.stopped" in done.stderr, done.stderr
 
 
 def test_sigkill_keeps_every_saved_version_and_resumes_from_the_latest(tmp_path: Path) -> None:
