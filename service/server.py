@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -113,14 +114,70 @@ def _check_exposure(settings: Settings, auth: Authenticator) -> None:
         )
 
 
+def _tls_pair(settings: Settings) -> tuple[bytes, bytes] | None:
+    """The PEM certificate chain and key, read and checked to load together, or None."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    try:
+        certificate, key = settings.tls_cert.read_bytes(), settings.tls_key.read_bytes()
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as exc:
+        raise errors.FailedPrecondition(
+            f"cannot use the TLS certificate {settings.tls_cert} with the key "
+            f"{settings.tls_key}: they are not a PEM certificate chain and its private key "
+            f"({exc.reason or exc})"
+        ) from None
+    except OSError as exc:
+        raise errors.FailedPrecondition(
+            f"cannot read the TLS certificate {settings.tls_cert} or its key "
+            f"{settings.tls_key}: {_reason(exc)}"
+        ) from None
+    return certificate, key
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The REST API's listening socket, bound here so that an address in use is reported
+    as such (uvicorn would log it and exit the process)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host.strip("[]"), port), family=family, backlog=2048)
+    except OSError as exc:
+        raise errors.Unavailable(
+            f"cannot listen for REST on {host}:{port}: {_reason(exc)}"
+        ) from None
+
+
+def _reason(exc: OSError) -> str:
+    """The system's words for ``exc``, without the call's own decoration."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 async def start(settings: Settings) -> Server:
-    """Open the store, build both transports and start listening; returns when ready."""
+    """Open the store, build both transports and start listening; returns when ready.
+
+    What can be refused without touching the store is checked first: tokens and exposure,
+    the TLS files, the REST address."""
     auth = Authenticator(
         load_tokens(
             settings.tokens.get_secret_value() if settings.tokens else None, settings.tokens_file
         )
     )
     _check_exposure(settings, auth)
+    tls = _tls_pair(settings)
+    rest_socket = _listen(settings.rest_host, settings.rest_port)
+    try:
+        return await _start(settings, auth, tls, rest_socket)
+    except BaseException:
+        rest_socket.close()
+        raise
+
+
+async def _start(
+    settings: Settings,
+    auth: Authenticator,
+    tls: tuple[bytes, bytes] | None,
+    rest_socket: socket.socket,
+) -> Server:
     # NOTE: one BLAS thread unless told otherwise. OpenBLAS's own default (one per core) makes
     # concurrent heavy requests oversubscribe the cores: measured on 2 cores, 256-row
     # predictions at concurrency 8 cost 17-35 ms of CPU each with 2 threads and 4.5 ms with
@@ -130,7 +187,17 @@ async def start(settings: Settings) -> Server:
 
     threadpool_limits(settings.blas_threads or DEFAULT_BLAS_THREADS, user_api="blas")
     metrics = Metrics()
-    store = ModelStore(settings.store)
+    try:
+        store = ModelStore(settings.store)
+    except OSError as exc:
+        reason = (
+            "it is not a folder"
+            if settings.store.exists() and not settings.store.is_dir()
+            else _reason(exc)
+        )
+        raise errors.Unavailable(
+            f"cannot open the model store at {settings.store}: {reason}"
+        ) from None
     limits = Limits(
         max_rows=settings.max_rows,
         max_params=settings.max_params,
@@ -165,13 +232,19 @@ async def start(settings: Settings) -> Server:
     grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
     if ":" in settings.grpc_host and not settings.grpc_host.startswith("["):
         grpc_address = f"[{settings.grpc_host}]:{settings.grpc_port}"
-    if settings.tls_cert and settings.tls_key:
-        credentials = grpc.ssl_server_credentials(
-            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
-        )
-        grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
-    else:
-        grpc_port = grpc_server.add_insecure_port(grpc_address)
+    try:
+        if tls is not None:
+            certificate, key = tls
+            credentials = grpc.ssl_server_credentials([(key, certificate)])
+            grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
+        else:
+            grpc_port = grpc_server.add_insecure_port(grpc_address)
+    except RuntimeError:  # grpc says only "Failed to bind"
+        dispatcher.close()
+        core.close()
+        raise errors.Unavailable(
+            f"cannot listen for gRPC on {grpc_address}: the address is in use or not available"
+        ) from None
 
     server_ref: list[Server] = []
     app = create_app(
@@ -208,17 +281,18 @@ async def start(settings: Settings) -> Server:
     )
     server_ref.append(server)
     await grpc_server.start()
-    server.rest_task = asyncio.create_task(rest.serve())
+    server.rest_task = asyncio.create_task(rest.serve(sockets=[rest_socket]))
     while not rest.started:
         if server.rest_task.done():
             await grpc_server.stop(0)
+            dispatcher.close()
             core.close()
             server.rest_task.result()
             raise errors.Unavailable(
-                f"the REST server could not listen on {settings.rest_host}:{settings.rest_port}"
+                f"the REST server did not start on {settings.rest_host}:{settings.rest_port}"
             )
         await asyncio.sleep(0.01)
-    server.rest_port = rest.servers[0].sockets[0].getsockname()[1]
+    server.rest_port = rest_socket.getsockname()[1]
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     idle = after_bursts(

@@ -3,12 +3,7 @@ with a certificate made in the test. Loopback only: nothing here sends traffic e
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
 import ssl
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +12,6 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import (
@@ -32,9 +23,9 @@ from clients import (
     Unauthenticated,
     Unavailable,
 )
-from tests.support.server import ServerProcess, start_server
+from tests.support.server import ServerProcess, serve_once, start_server
+from tests.support.tls import make_certificate
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKENS = {
     "predict": "predict-token-0123456789",
     "train": "train-token-0123456789ab",
@@ -156,30 +147,6 @@ def test_health_stays_open(secured: ServerProcess, token: str | None) -> None:
 # -- the loopback rule ---------------------------------------------------------------------
 
 
-def _serve_once(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run ``propserve serve`` expecting it to refuse to start (bounded by a timeout)."""
-    child_env = {
-        **os.environ,
-        "PROPSERVE_STORE": str(tmp_path / "store"),
-        "PROPSERVE_REST_PORT": "0",
-        "PROPSERVE_GRPC_PORT": "0",
-        "PROPSERVE_READY_FILE": str(tmp_path / "ready.json"),
-        **env,
-    }
-    for key in ("PROPSERVE_TOKENS", "PROPSERVE_TOKENS_FILE", "PROPSERVE_INSECURE"):
-        if key not in env:
-            child_env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve"],
-        env=child_env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     "env",
     [{"PROPSERVE_REST_HOST": "0.0.0.0"}, {"PROPSERVE_GRPC_HOST": "0.0.0.0"}],
@@ -188,7 +155,7 @@ def _serve_once(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProc
 def test_refuses_to_listen_beyond_loopback_without_tokens(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    done = _serve_once(tmp_path, env)
+    done = serve_once(tmp_path, env)
     assert done.returncode != 0
     assert "beyond loopback" in done.stderr and "--insecure" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
@@ -198,7 +165,7 @@ def test_refuses_to_listen_beyond_loopback_without_tokens(
 
 
 def test_refuses_short_tokens(tmp_path: Path) -> None:
-    done = _serve_once(tmp_path, {"PROPSERVE_TOKENS": "short=admin"})
+    done = serve_once(tmp_path, {"PROPSERVE_TOKENS": "short=admin"})
     assert done.returncode != 0
     assert "16 characters" in done.stderr, done.stderr
     assert not (tmp_path / "ready.json").exists()
@@ -215,41 +182,6 @@ def test_starts_beyond_loopback_with_insecure(tmp_path: Path) -> None:
 
 
 # -- TLS ---------------------------------------------------------------------------------
-
-
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, and its key (PEM files)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")

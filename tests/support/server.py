@@ -98,3 +98,29 @@ def start_server(
         time.sleep(0.02)
     info: dict[str, Any] = json.loads(ready.read_text())
     return ServerProcess(store, process, info["rest_port"], info["grpc_port"], log_path, env or {})
+
+
+def serve_once(folder: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``propserve serve`` expecting it to refuse to start (bounded by a timeout), with
+    its store at ``folder/store`` and its ready file at ``folder/ready.json`` unless ``env``
+    says otherwise; tokens come only from ``env``."""
+    child_env = {
+        **os.environ,
+        "PROPSERVE_STORE": str(folder / "store"),
+        "PROPSERVE_REST_PORT": "0",
+        "PROPSERVE_GRPC_PORT": "0",
+        "PROPSERVE_READY_FILE": str(folder / "ready.json"),
+        **env,
+    }
+    for key in ("PROPSERVE_TOKENS", "PROPSERVE_TOKENS_FILE", "PROPSERVE_INSECURE"):
+        if key not in env:
+            child_env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        env=child_env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -1,0 +1,84 @@
+"""Start-up refusals: what an operator gets wrong (a store path that is a file, a port in use,
+TLS files that are missing or do not match) ends ``propserve serve`` with one clear line and
+exit status 1, never a traceback, and never a ready file."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import serve_once
+from tests.support.tls import make_certificate
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port another socket listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        yield holder.getsockname()[1]
+
+
+def refused(tmp_path: Path, env: dict[str, str]) -> str:
+    done = serve_once(tmp_path, env)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "ready.json").exists()
+    lines = [line for line in done.stderr.splitlines() if line.startswith("propserve: ")]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_a_store_path_that_is_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "models"
+    path.write_text("not a store")
+    line = refused(tmp_path, {"PROPSERVE_STORE": str(path)})
+    assert line == f"propserve: cannot open the model store at {path}: it is not a folder"
+    assert path.read_text() == "not a store"
+
+
+def test_a_rest_port_in_use(tmp_path: Path, taken_port: int) -> None:
+    line = refused(tmp_path, {"PROPSERVE_REST_PORT": str(taken_port)})
+    assert f"cannot listen for REST on 127.0.0.1:{taken_port}" in line
+    assert "in use" in line
+    # Refused before the store was opened: nothing was created.
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_grpc_port_in_use(tmp_path: Path, taken_port: int) -> None:
+    line = refused(tmp_path, {"PROPSERVE_GRPC_PORT": str(taken_port)})
+    assert f"cannot listen for gRPC on 127.0.0.1:{taken_port}" in line
+    assert "in use or not available" in line
+
+
+def test_missing_tls_files(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.pem"
+    line = refused(
+        tmp_path, {"PROPSERVE_TLS_CERT": str(missing), "PROPSERVE_TLS_KEY": str(missing)}
+    )
+    assert f"cannot read the TLS certificate {missing}" in line
+    assert "No such file or directory" in line
+    assert not (tmp_path / "store").exists()
+
+
+def test_tls_files_that_are_not_pem(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    line = refused(tmp_path, {"PROPSERVE_TLS_CERT": str(junk), "PROPSERVE_TLS_KEY": str(junk)})
+    assert "not a PEM certificate chain and its private key" in line
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_tls_key_that_is_not_the_certificates(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    certificate, _ = make_certificate(tmp_path / "one")
+    _, other_key = make_certificate(tmp_path / "two")
+    line = refused(
+        tmp_path, {"PROPSERVE_TLS_CERT": str(certificate), "PROPSERVE_TLS_KEY": str(other_key)}
+    )
+    assert f"cannot use the TLS certificate {certificate} with the key {other_key}" in line
+    assert "KEY_VALUES_MISMATCH" in line
+    assert not (tmp_path / "store").exists()
