@@ -1,7 +1,7 @@
 """The client half of the ``propserve`` command: models, train, predict and versions.
 
 Every verb talks to a running server through :mod:`clients` (gRPC by default, REST with
-``--transport rest``), never to the store directly::
+``--transport rest`` or with ``--rest URL`` alone), never to the store directly::
 
     propserve models create digits --input-dim 64 --layers 64:relu,10 --optimizer adam
     propserve models list [--json]
@@ -9,8 +9,9 @@ Every verb talks to a running server through :mod:`clients` (gRPC by default, RE
     propserve predict digits rows.csv --label stable --output out.npy
     propserve versions label digits stable 3
 
-Connection options go after the verb: ``--grpc HOST:PORT``, ``--rest URL``, ``--transport``,
-``--token`` (or ``PROPSERVE_TOKEN``), ``--tls``, ``--ca-cert``, ``--timeout``, ``--json``.
+Connection options go after the verb, before or after its arguments: ``--grpc HOST:PORT``,
+``--rest URL``, ``--transport``, ``--token`` (or ``PROPSERVE_TOKEN``), ``--tls``,
+``--ca-cert``, ``--timeout``, ``--json``.
 
 Exit codes: 0 success; 1 the server refused (unknown model, invalid argument, ...);
 2 bad usage or a bad local file or spec; 3 the server cannot be reached or timed out;
@@ -87,6 +88,15 @@ class Client(Protocol):
 
 
 # ---------------------------------------------------------------- connection and output
+
+
+def settle_connection(args: argparse.Namespace) -> None:
+    """Fill in the connection's defaults: ``--rest URL`` alone means REST, anything else
+    gRPC unless ``--transport`` says which."""
+    if args.transport is None:
+        args.transport = "rest" if args.rest is not None and args.grpc is None else "grpc"
+    args.grpc = args.grpc or DEFAULT_GRPC
+    args.rest = args.rest or DEFAULT_REST
 
 
 def _address(args: argparse.Namespace) -> str:
@@ -561,6 +571,7 @@ def _versions_rollback(args: argparse.Namespace, client: Client) -> int:
 
 def run(verb: Callable[[argparse.Namespace, Client], int], args: argparse.Namespace) -> int:
     """Connect, run ``verb`` and turn every failure into one line on stderr and an exit code."""
+    settle_connection(args)
     try:
         client = connect(args)
         try:
@@ -605,14 +616,12 @@ def _common() -> argparse.ArgumentParser:
     """Options every client verb takes (after the verb)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
+    group.add_argument("--grpc", metavar="HOST:PORT", help=f"gRPC address ({DEFAULT_GRPC})")
+    group.add_argument("--rest", metavar="URL", help=f"REST base URL ({DEFAULT_REST})")
     group.add_argument(
-        "--grpc", default=DEFAULT_GRPC, metavar="HOST:PORT", help=f"gRPC address ({DEFAULT_GRPC})"
-    )
-    group.add_argument(
-        "--rest", default=DEFAULT_REST, metavar="URL", help=f"REST base URL ({DEFAULT_REST})"
-    )
-    group.add_argument(
-        "--transport", choices=("grpc", "rest"), default="grpc", help="which API to use (grpc)"
+        "--transport",
+        choices=("grpc", "rest"),
+        help="which API to use (gRPC, or REST when only --rest is given)",
     )
     group.add_argument("--token", default=None, help="bearer token (default: $PROPSERVE_TOKEN)")
     group.add_argument("--tls", action="store_true", help="use TLS for gRPC (REST: https URL)")
@@ -740,9 +749,31 @@ def add_client_commands(sub: Any) -> None:
     vrollback.set_defaults(handler=_verb(_versions_rollback))
 
 
+class Parser(argparse.ArgumentParser):
+    """Options and positionals in any order (``predict NAME --grpc ADDR FILE``).
+
+    NOTE: argparse matches positionals in runs between options, so an optional positional
+    (predict's FILE, rollback's VERSION) met at the end of a run is taken as absent, and what
+    follows the option is then "unrecognized". Intermixed parsing reads every option first.
+    It does not support subparsers, so a parser with subcommands parses as argparse does."""
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """The client verbs alone (``python -m clients.cli``); ``propserve`` adds ``serve``."""
-    parser = argparse.ArgumentParser(prog="propserve", description=__doc__.split("\n")[0])
+    parser = Parser(prog="propserve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_client_commands(sub)
     args = parser.parse_args(argv)

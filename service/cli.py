@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 import engine
-from clients.cli import add_client_commands
+from clients.cli import Parser, add_client_commands
 from service import errors
 
 
@@ -73,7 +73,11 @@ def add_serve(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="propserve", description=__doc__)
+    parser = Parser(
+        prog="propserve",
+        description="Serve and train neural networks: 'propserve serve' runs the server, the "
+        "other verbs talk to a running one.",
+    )
     parser.add_argument("--version", action="version", version=f"propserve {engine.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)

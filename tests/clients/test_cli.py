@@ -308,6 +308,42 @@ def test_predict_from_npy_csv_and_json_files(
     assert np.asarray(body["outputs"]).shape == (8, N_CLASSES)
 
 
+def test_options_may_come_before_an_optional_argument(
+    server: ServerProcess,
+    client: GrpcClient,
+    trained: tuple[str, np.ndarray],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """argparse alone would take predict's FILE (and rollback's VERSION) as absent here."""
+    name, x = trained
+    np.save(tmp_path / "x.npy", x)
+    capsys.readouterr()
+    assert main(["predict", name, "--grpc", server.grpc_target, str(tmp_path / "x.npy")]) == 0
+    body = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(body["outputs"], client.predict(name, x).outputs, rtol=1e-6)
+
+    client.train_step(name, x, np.zeros(len(x), dtype=np.int64))
+    assert main(["versions", "rollback", name, "--grpc", server.grpc_target, "1"]) == 0
+    assert client.get_model(name).head_step == client.list_versions(name)[0].step
+
+
+def test_a_rest_url_alone_chooses_rest(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert main(["models", "list", "--json", "--rest", server.rest_url]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out), list)
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main(["models", "list", "--rest", dead, "--timeout", "5"]) == 3
+    assert f"cannot reach the server at {dead} (rest)" in capsys.readouterr().err
+    # Both given: gRPC, unless --transport says otherwise.
+    both = ["models", "list", "--rest", server.rest_url, "--grpc", dead.removeprefix("http://")]
+    assert main([*both, "--timeout", "5"]) == 3
+    assert main([*both, "--transport", "rest", "--json"]) == 0
+
+
 def test_predict_to_npy_by_label(
     cli: Cli, client: GrpcClient, trained: tuple[str, np.ndarray], tmp_path: Path
 ) -> None:
