@@ -158,7 +158,10 @@ def from_json(
                     raise InvalidArgument(f"values out of the range of {dtype}")
             array = array.astype(target, copy=False)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidArgument(f"tensor is not a rectangular array of numbers: {exc}") from None
+        # numpy's words for ragged lists name its own internals ("setting an array element
+        # with a sequence... inhomogeneous part"); say what is wrong with the data instead.
+        reason = "its lists have different lengths" if "inhomogeneous" in str(exc) else str(exc)
+        raise InvalidArgument(f"tensor is not a rectangular array of numbers: {reason}") from None
     _check_size(array, max_elements)
     if shape is not None:
         array = array.reshape(dims)

@@ -137,8 +137,10 @@ def test_json_flat_data_with_shape() -> None:
     ],
 )
 def test_json_ragged_lists_are_refused(value: Any) -> None:
-    with pytest.raises(InvalidArgument, match="rectangular"):
+    with pytest.raises(InvalidArgument, match="rectangular") as refused:
         tensors.from_json(value, max_elements=LIMIT)
+    assert "different lengths" in str(refused.value)
+    assert "sequence" not in str(refused.value) and "inhomogeneous" not in str(refused.value)
 
 
 @pytest.mark.parametrize(
