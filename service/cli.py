@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     limit_arenas()  # before any thread of the server's starts
     from service import logs  # noqa: PLC0415
-    from service.config import Settings  # noqa: PLC0415
+    from service.config import Settings, describe, unknown_variables  # noqa: PLC0415
     from service.server import serve  # noqa: PLC0415
 
     overrides: dict[str, Any] = {
@@ -31,9 +33,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"propserve: invalid settings:\n{exc}", file=sys.stderr)
+        for line in describe(exc).splitlines():
+            print(f"propserve: invalid setting: {line}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    for name in unknown_variables(os.environ):
+        logging.getLogger("propserve.config").warning("config.unknown_variable name=%s", name)
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
 

@@ -7,9 +7,10 @@ no TLS, no tokens (which the server allows only on loopback unless ``insecure`` 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -119,3 +120,36 @@ class Settings(BaseSettings):
     @property
     def loopback_only(self) -> bool:
         return is_loopback(self.rest_host) and is_loopback(self.grpc_host)
+
+
+#: ``PROPSERVE_*`` variables that are not server settings: the clients' token.
+CLIENT_VARIABLES = frozenset({"PROPSERVE_TOKEN"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``PROPSERVE_*`` variables that name no setting: a misspelt one would otherwise be
+    ignored without a word."""
+    prefix = "PROPSERVE_"
+    return sorted(
+        name
+        for name in environ
+        if name.startswith(prefix)
+        and name not in CLIENT_VARIABLES
+        and name[len(prefix) :].lower() not in Settings.model_fields
+    )
+
+
+def describe(error: ValidationError) -> str:
+    """One line per wrong setting, named as the environment names it; the value is quoted
+    unless the setting is secret."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if field in Settings.model_fields:
+            secret = Settings.model_fields[field].annotation in (SecretStr, SecretStr | None)
+            value = "" if secret or "input" not in item else f" (got {item['input']!r})"
+            lines.append(f"{field} (PROPSERVE_{field.upper()}): {message}{value}")
+        else:  # a check across settings
+            lines.append(message)
+    return "\n".join(lines)

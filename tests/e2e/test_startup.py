@@ -1,16 +1,18 @@
 """Start-up refusals: what an operator gets wrong (a store path that is a file, a port in use,
-TLS files that are missing or do not match) ends ``propserve serve`` with one clear line and
-exit status 1, never a traceback, and never a ready file."""
+TLS files that are missing or do not match, a setting out of range) ends ``propserve serve``
+with one clear line and exit status 1 (2 for a setting), never a traceback, and never a ready
+file. A misspelt variable is not an error, but it is logged."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.server import serve_once
+from tests.support.server import serve_once, start_server
 from tests.support.tls import make_certificate
 
 
@@ -21,9 +23,9 @@ def taken_port() -> Iterator[int]:
         yield holder.getsockname()[1]
 
 
-def refused(tmp_path: Path, env: dict[str, str]) -> str:
+def refused(tmp_path: Path, env: dict[str, str], status: int = 1) -> str:
     done = serve_once(tmp_path, env)
-    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert done.returncode == status, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "ready.json").exists()
     lines = [line for line in done.stderr.splitlines() if line.startswith("propserve: ")]
@@ -82,3 +84,22 @@ def test_a_tls_key_that_is_not_the_certificates(tmp_path: Path) -> None:
     assert f"cannot use the TLS certificate {certificate} with the key {other_key}" in line
     assert "KEY_VALUES_MISMATCH" in line
     assert not (tmp_path / "store").exists()
+
+
+def test_a_setting_out_of_range(tmp_path: Path) -> None:
+    line = refused(tmp_path, {"PROPSERVE_REST_PORT": "70000"}, status=2)
+    assert line.startswith("propserve: invalid setting: rest_port (PROPSERVE_REST_PORT): ")
+    assert "(got '70000')" in line  # as the environment spells it
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_misspelt_variable_is_logged(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "store", env={"PROPSERVE_GRACE_SECNODS": "3"})
+    assert server.stop() == 0
+    warnings = [
+        json.loads(line)
+        for line in server.log().splitlines()
+        if '"config.unknown_variable"' in line
+    ]
+    assert [w["name"] for w in warnings] == ["PROPSERVE_GRACE_SECNODS"]
+    assert warnings[0]["level"] == "warning"

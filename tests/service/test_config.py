@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.auth import Authenticator
-from service.config import Settings, is_loopback
+from service.config import Settings, describe, is_loopback, unknown_variables
 from service.errors import FailedPrecondition
 from service.server import _check_exposure
 
@@ -152,3 +152,33 @@ def test_dispatch_defaults_are_stated_once_in_value() -> None:
     assert settings.max_queued_rows == dispatch.DEFAULT_QUEUED_ROWS
     assert settings.max_pending_calls == dispatch.DEFAULT_PENDING_CALLS
     assert settings.busy_poll_us / 1e6 == dispatch.DEFAULT_BUSY_POLL
+
+
+def test_unknown_variables_are_the_prefixed_names_of_no_setting() -> None:
+    environ = {
+        "PROPSERVE_REST_PORT": "1",
+        "PROPSERVE_REST_POTR": "1",  # misspelt
+        "PROPSERVE_TOKEN": "the clients' own",
+        "PROPSERVE_": "",
+        "HOME": "/root",
+        "propserve_lowercase": "not ours",
+    }
+    assert unknown_variables(environ) == ["PROPSERVE_", "PROPSERVE_REST_POTR"]
+
+
+def test_describe_names_each_setting_and_never_quotes_a_secret() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(rest_port="abc", log_level="loud", tokens=12345678901)
+    lines = describe(refused.value).splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("rest_port (PROPSERVE_REST_PORT): ") and "(got 'abc')" in lines[0]
+    assert lines[1].startswith("tokens (PROPSERVE_TOKENS): ")
+    assert "12345678901" not in describe(refused.value)
+    assert lines[2] == (
+        "log_level (PROPSERVE_LOG_LEVEL): log_level must be debug, info, warning or error "
+        "(got 'loud')"
+    )
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(tls_cert=Path("cert.pem"))
+    assert describe(refused.value) == "tls_cert and tls_key go together"
