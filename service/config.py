@@ -147,7 +147,7 @@ def describe(error: ValidationError) -> str:
         field = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if field in Settings.model_fields:
-            secret = Settings.model_fields[field].annotation in (SecretStr, SecretStr | None)
+            secret = "SecretStr" in str(Settings.model_fields[field].annotation)
             value = "" if secret or "input" not in item else f" (got {item['input']!r})"
             lines.append(f"{field} (PROPSERVE_{field.upper()}): {message}{value}")
         else:  # a check across settings
