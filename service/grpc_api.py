@@ -504,18 +504,20 @@ class _Registrar:
         self._server.add_registered_method_handlers(service, wrapped)
 
 
-def build_server(
-    adapter: ModelServiceAdapter, *, max_message_bytes: int
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with the model service, the standard health service and reflection.
-
-    Ports are added by the caller."""
+def new_server(*, max_message_bytes: int) -> grpc.aio.Server:
+    """A grpc.aio server with no services yet: ports may be bound before they are added."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    return grpc.aio.server(options=options)
+
+
+def add_services(
+    server: grpc.aio.Server, adapter: ModelServiceAdapter
+) -> health.aio.HealthServicer:
+    """The model service, the standard health service and reflection, on ``server``."""
     # The generated function only calls the two add_* methods _Registrar has.
     registrar = _Registrar(server)
     pb_grpc.add_ModelServiceServicer_to_server(adapter, registrar)  # type: ignore[arg-type]
@@ -531,4 +533,12 @@ def build_server(
         ),
         server,
     )
-    return server, health_servicer
+    return health_servicer
+
+
+def build_server(
+    adapter: ModelServiceAdapter, *, max_message_bytes: int
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """:func:`new_server` with :func:`add_services`; ports are added by the caller."""
+    server = new_server(max_message_bytes=max_message_bytes)
+    return server, add_services(server, adapter)

@@ -30,7 +30,7 @@ from service.auth import Authenticator, load_tokens
 from service.config import Settings
 from service.core import Core, Limits
 from service.dispatch import Dispatcher
-from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, build_server
+from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, add_services, new_server
 from service.http_fast import protocol_class
 from service.memory import after_bursts, collect_and_freeze
 from service.metrics import Metrics
@@ -156,7 +156,7 @@ async def start(settings: Settings) -> Server:
     """Open the store, build both transports and start listening; returns when ready.
 
     What can be refused without touching the store is checked first: tokens and exposure,
-    the TLS files, the REST address."""
+    the TLS files, both addresses."""
     auth = Authenticator(
         load_tokens(
             settings.tokens.get_secret_value() if settings.tokens else None, settings.tokens_file
@@ -165,18 +165,38 @@ async def start(settings: Settings) -> Server:
     _check_exposure(settings, auth)
     tls = _tls_pair(settings)
     rest_socket = _listen(settings.rest_host, settings.rest_port)
+    grpc_server = new_server(max_message_bytes=settings.max_message_bytes)
     try:
-        return await _start(settings, auth, tls, rest_socket)
+        grpc_port = _bind_grpc(grpc_server, settings, tls)
+        return await _start(settings, auth, rest_socket, grpc_server, grpc_port)
     except BaseException:
         rest_socket.close()
+        await grpc_server.stop(None)
         raise
+
+
+def _bind_grpc(server: grpc.aio.Server, settings: Settings, tls: tuple[bytes, bytes] | None) -> int:
+    """Bind the gRPC address (with TLS when given); returns the port."""
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if ":" in settings.grpc_host and not settings.grpc_host.startswith("["):
+        address = f"[{settings.grpc_host}]:{settings.grpc_port}"
+    try:
+        if tls is None:
+            return server.add_insecure_port(address)
+        certificate, key = tls
+        return server.add_secure_port(address, grpc.ssl_server_credentials([(key, certificate)]))
+    except RuntimeError:  # grpc says only "Failed to bind"
+        raise errors.Unavailable(
+            f"cannot listen for gRPC on {address}: the address is in use or not available"
+        ) from None
 
 
 async def _start(
     settings: Settings,
     auth: Authenticator,
-    tls: tuple[bytes, bytes] | None,
     rest_socket: socket.socket,
+    grpc_server: grpc.aio.Server,
+    grpc_port: int,
 ) -> Server:
     # NOTE: one BLAS thread unless told otherwise. OpenBLAS's own default (one per core) makes
     # concurrent heavy requests oversubscribe the cores: measured on 2 cores, 256-row
@@ -228,23 +248,7 @@ async def _start(
         busy_poll=settings.busy_poll_us / 1e6,
     )
     adapter = ModelServiceAdapter(dispatcher, auth, metrics, limits.max_elements)
-    grpc_server, health = build_server(adapter, max_message_bytes=settings.max_message_bytes)
-    grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
-    if ":" in settings.grpc_host and not settings.grpc_host.startswith("["):
-        grpc_address = f"[{settings.grpc_host}]:{settings.grpc_port}"
-    try:
-        if tls is not None:
-            certificate, key = tls
-            credentials = grpc.ssl_server_credentials([(key, certificate)])
-            grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
-        else:
-            grpc_port = grpc_server.add_insecure_port(grpc_address)
-    except RuntimeError:  # grpc says only "Failed to bind"
-        dispatcher.close()
-        core.close()
-        raise errors.Unavailable(
-            f"cannot listen for gRPC on {grpc_address}: the address is in use or not available"
-        ) from None
+    health = add_services(grpc_server, adapter)
 
     server_ref: list[Server] = []
     app = create_app(

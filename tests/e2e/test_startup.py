@@ -53,6 +53,7 @@ def test_a_grpc_port_in_use(tmp_path: Path, taken_port: int) -> None:
     line = refused(tmp_path, {"PROPSERVE_GRPC_PORT": str(taken_port)})
     assert f"cannot listen for gRPC on 127.0.0.1:{taken_port}" in line
     assert "in use or not available" in line
+    assert not (tmp_path / "store").exists()
 
 
 def test_missing_tls_files(tmp_path: Path) -> None:
