@@ -28,9 +28,17 @@ def refused(tmp_path: Path, env: dict[str, str], status: int = 1) -> str:
     assert done.returncode == status, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "ready.json").exists()
+    # Every refusal here comes before the store is opened: nothing was created.
+    assert not (tmp_path / "store").exists()
     lines = [line for line in done.stderr.splitlines() if line.startswith("propserve: ")]
     assert len(lines) == 1, done.stderr
     return lines[0]
+
+
+def refused_tls(tmp_path: Path, certificate: Path, key: Path) -> str:
+    return refused(
+        tmp_path, {"PROPSERVE_TLS_CERT": str(certificate), "PROPSERVE_TLS_KEY": str(key)}
+    )
 
 
 def test_a_store_path_that_is_a_file(tmp_path: Path) -> None:
@@ -45,33 +53,26 @@ def test_a_rest_port_in_use(tmp_path: Path, taken_port: int) -> None:
     line = refused(tmp_path, {"PROPSERVE_REST_PORT": str(taken_port)})
     assert f"cannot listen for REST on 127.0.0.1:{taken_port}" in line
     assert "in use" in line
-    # Refused before the store was opened: nothing was created.
-    assert not (tmp_path / "store").exists()
 
 
 def test_a_grpc_port_in_use(tmp_path: Path, taken_port: int) -> None:
     line = refused(tmp_path, {"PROPSERVE_GRPC_PORT": str(taken_port)})
     assert f"cannot listen for gRPC on 127.0.0.1:{taken_port}" in line
     assert "in use or not available" in line
-    assert not (tmp_path / "store").exists()
 
 
 def test_missing_tls_files(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.pem"
-    line = refused(
-        tmp_path, {"PROPSERVE_TLS_CERT": str(missing), "PROPSERVE_TLS_KEY": str(missing)}
-    )
+    line = refused_tls(tmp_path, missing, missing)
     assert f"cannot read the TLS certificate {missing}" in line
     assert "No such file or directory" in line
-    assert not (tmp_path / "store").exists()
 
 
 def test_tls_files_that_are_not_pem(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate")
-    line = refused(tmp_path, {"PROPSERVE_TLS_CERT": str(junk), "PROPSERVE_TLS_KEY": str(junk)})
+    line = refused_tls(tmp_path, junk, junk)
     assert "not a PEM certificate chain and its private key" in line
-    assert not (tmp_path / "store").exists()
 
 
 def test_a_tls_key_that_is_not_the_certificates(tmp_path: Path) -> None:
@@ -79,19 +80,15 @@ def test_a_tls_key_that_is_not_the_certificates(tmp_path: Path) -> None:
     (tmp_path / "two").mkdir()
     certificate, _ = make_certificate(tmp_path / "one")
     _, other_key = make_certificate(tmp_path / "two")
-    line = refused(
-        tmp_path, {"PROPSERVE_TLS_CERT": str(certificate), "PROPSERVE_TLS_KEY": str(other_key)}
-    )
+    line = refused_tls(tmp_path, certificate, other_key)
     assert f"cannot use the TLS certificate {certificate} with the key {other_key}" in line
     assert "KEY_VALUES_MISMATCH" in line
-    assert not (tmp_path / "store").exists()
 
 
 def test_a_setting_out_of_range(tmp_path: Path) -> None:
     line = refused(tmp_path, {"PROPSERVE_REST_PORT": "70000"}, status=2)
     assert line.startswith("propserve: invalid setting: rest_port (PROPSERVE_REST_PORT): ")
     assert "(got '70000')" in line  # as the environment spells it
-    assert not (tmp_path / "store").exists()
 
 
 def test_a_misspelt_variable_is_logged(tmp_path: Path) -> None:
