@@ -18,9 +18,9 @@ from service import errors
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.memory import limit_arenas  # noqa: PLC0415 - keep client commands light
+    from service.memory import configure_heap  # noqa: PLC0415 - keep client commands light
 
-    limit_arenas()  # before any thread of the server's starts
+    configure_heap()  # before any thread of the server's starts
     from service import logs  # noqa: PLC0415
     from service.config import Settings, describe, unknown_variables  # noqa: PLC0415
     from service.server import serve  # noqa: PLC0415
