@@ -26,7 +26,8 @@ same heap, so with glibc's adaptive thresholds the server took 30-75 page faults
 (10-30 in the step's own thread), against none for the same steps in a process of their
 own. With fixed thresholds (blocks under 32 MB from the heap, its free top kept up to 64
 MB) it takes none once warm; what a burst leaves is still handed back by the release after
-it (``malloc_trim`` ignores the thresholds).
+it (``malloc_trim`` ignores the thresholds). The server then holds ~0.9 MiB more, idle and
+after the benchmark's loads alike (90.8 against 89.9 MiB idle).
 """
 
 from __future__ import annotations
