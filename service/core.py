@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,15 +371,19 @@ class Core:
         targets: NDArray[Any],
         *,
         learning_rate: float | None = None,
+        on_start: Callable[[], object] | None = None,
     ) -> StepOutcome:
-        """One step on the head. Bad input or a diverging step changes nothing."""
+        """One step on the head. Bad input or a diverging step changes nothing. ``on_start``:
+        see :meth:`engine.Network.train_step`."""
         self._check_open()
         model = self._model(name)
         self._check_rows(inputs)
         with model.lock:
             self._check_alive(model)
             try:
-                result = model.network.train_step(inputs, targets, lr=learning_rate)
+                result = model.network.train_step(
+                    inputs, targets, lr=learning_rate, on_start=on_start
+                )
             except DivergedError as exc:
                 self.metrics.refused_steps.labels(name).inc()
                 log.warning("model.step_refused model=%s reason=%r", name, str(exc))

@@ -30,7 +30,7 @@ from propserve.v1 import model_service_pb2_grpc as pb_grpc
 from service import errors, tensors
 from service.auth import Authenticator
 from service.core import Core, ModelInfo, StepOutcome, VersionInfo
-from service.dispatch import HELD_RESULTS, Dispatcher
+from service.dispatch import Dispatcher
 from service.logs import new_request_id
 from service.metrics import Metrics
 
@@ -65,9 +65,9 @@ Handler = Callable[[Any, Request, Context], Awaitable[Response]]
 
 
 #: Steps of a Train stream that may be pending before its next batch is read: the running
-#: one, one queued behind it, and up to HELD_RESULTS finished ones whose results the worker
-#: holds back (see dispatch.Serial). Decoded batches waiting to run: at most READ_AHEAD - 1.
-READ_AHEAD = HELD_RESULTS + 2
+#: one, one queued behind it, and the finished one whose result the worker hands over when
+#: the next begins (see dispatch.Serial). Decoded batches waiting to run: at most 2.
+READ_AHEAD = 3
 
 
 def _status(exc: BaseException) -> grpc.StatusCode:
@@ -359,13 +359,14 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
             entered = True
             self.auth.authorize(authorization, "Train")
             # NOTE: steps queue in the worker (Dispatcher.serial) while the next batches are
-            # received and decoded, and each starts as soon as the previous one ends. Results
-            # of short steps come back from the worker in groups (see dispatch.Serial), so
-            # besides the running step up to HELD_RESULTS answered ones may be pending, and
-            # one more batch is read ahead. A response never waits for the client's next
-            # batch. After a failing step, the batches behind it are not applied.
+            # received and decoded, and each starts as soon as the previous one ends. A
+            # step's result comes back from the worker when the next step begins its forward
+            # pass (see dispatch.Serial), so besides the running step an answered one may be
+            # pending, and one more batch is read ahead. A response never waits for the
+            # client's next batch. After a failing step, the batches behind it are not
+            # applied.
             failure: errors.PropserveError | None = None
-            steps = self.dispatch.serial()
+            steps = self.dispatch.serial(started="on_start")
             pending: deque[tuple[int, asyncio.Future[StepOutcome]]] = deque()
             messages = request_iterator.__aiter__()
             arriving: asyncio.Future[pb.TrainStepRequest] | None = None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -392,78 +391,116 @@ def test_serial_keeps_going_after_its_queue_runs_dry(core: Core) -> None:
         dispatcher.close()
 
 
-def test_serial_hands_over_short_calls_results_in_groups(core: Core) -> None:
-    """Six short calls queued back to back: their results reach the loop in pairs (three
-    hand-overs, not six), in order; with ``held=0`` each on its own."""
+def _set(event: threading.Event, done: asyncio.Future[Any]) -> None:
+    event.set()
+
+
+def test_serial_hands_a_result_over_when_the_next_call_starts(core: Core) -> None:
+    """With calls queued back to back, a call's result reaches the loop when the next call
+    says it started, while that call still runs: not when the call ends, nor only when the
+    next one ends. One hand-over per call, in order."""
     dispatcher = Dispatcher(core)
     gate = threading.Event()
+    seen: list[str] = []
 
-    async def run(held: int) -> tuple[list[Any], int]:
-        serial = dispatch.Serial(dispatcher.executor, held=held)
-        futures: list[asyncio.Future[Any]] = [serial.submit(gate.wait, 10)]  # holds the worker
-        futures += [serial.submit(lambda i=i: i) for i in range(1, 6)]
+    def call(i: int, delivered: list[threading.Event], started: Any) -> int:
+        if i == 0:
+            gate.wait(10)  # holds the worker while the others queue up
+        else:
+            # The previous result is still in the worker until this call starts.
+            seen.append(f"{i - 1} {'early' if delivered[i - 1].is_set() else 'held'}")
+            started()
+            seen.append(f"{i - 1} {'arrived' if delivered[i - 1].wait(10) else 'lost'}")
+        return i
+
+    async def run() -> tuple[list[Any], int]:
+        serial = dispatch.Serial(dispatcher.executor, started="started")
+        delivered = [threading.Event() for _ in range(4)]
+        futures = [serial.submit(call, i, delivered) for i in range(4)]
+        for event, future in zip(delivered, futures, strict=True):
+            future.add_done_callback(functools.partial(_set, event))
         await asyncio.sleep(0.01)
         gate.set()
-        results = list(await asyncio.wait_for(asyncio.gather(*futures), 10))
-        gate.clear()
-        return results, serial.handovers
+        return list(await asyncio.wait_for(asyncio.gather(*futures), 10)), serial.handovers
 
     try:
-        paired = asyncio.run(run(1))
-        alone = asyncio.run(run(0))
+        results, handovers = asyncio.run(run())
     finally:
         gate.set()
         dispatcher.close()
-    assert paired == ([True, 1, 2, 3, 4, 5], 3)
-    assert alone == ([True, 1, 2, 3, 4, 5], 6)
+    assert results == [0, 1, 2, 3]
+    assert seen == ["0 held", "0 arrived", "1 held", "1 arrived", "2 held", "2 arrived"]
+    assert handovers == 4
 
 
-def test_serial_holds_no_result_with_nothing_queued_or_behind_a_long_call(core: Core) -> None:
-    """A result is handed over at once when no call waits behind it (a client answering each
-    step before sending the next), and when its call took ``hold_below`` or more: the
-    second call below waits for the first one's result, so holding it would never end."""
+def test_serial_without_a_start_hands_a_result_over_when_the_next_call_ends_or_starts(
+    core: Core,
+) -> None:
+    """A call that never says it started lets the result before it through when it returns;
+    without ``started`` the results are handed over before each next call begins."""
+    dispatcher = Dispatcher(core)
+    gate = threading.Event()
+
+    async def run(started: str | None, wait: float) -> list[bool]:
+        serial = dispatch.Serial(dispatcher.executor, started=started)
+        delivered = threading.Event()
+        first = serial.submit(lambda **_: gate.wait(10))
+        first.add_done_callback(lambda done: delivered.set())
+        # The second call sees whether the first one's result reaches the loop meanwhile.
+        second = serial.submit(lambda **_: delivered.wait(wait))
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = list(await asyncio.wait_for(asyncio.gather(first, second), 10))
+        gate.clear()
+        return results
+
+    try:
+        with_start = asyncio.run(run("started", 0.2))
+        without = asyncio.run(run(None, 10))
+    finally:
+        gate.set()
+        dispatcher.close()
+    assert with_start == [True, False]  # held through the second call, which never started
+    assert without == [True, True]
+
+
+def test_serial_holds_no_result_with_nothing_queued_behind_it(core: Core) -> None:
+    """A result is handed over at once when no call waits behind it: a client answering each
+    step before sending the next gets every answer without waiting for another step."""
     dispatcher = Dispatcher(core)
 
     async def run() -> list[Any]:
-        serial = dispatch.Serial(dispatcher.executor, held=1, hold_below=0.01)
-        lone = await asyncio.wait_for(serial.submit(lambda: "lone"), 10)
-        first_seen = threading.Event()
-
-        def slowly() -> str:
-            time.sleep(0.03)
-            return "slow"
-
-        slow = serial.submit(slowly)
-        behind = serial.submit(lambda: first_seen.wait(10))
-        slow_result = await asyncio.wait_for(slow, 10)
-        first_seen.set()
-        return [lone, slow_result, await asyncio.wait_for(behind, 10)]
+        serial = dispatch.Serial(dispatcher.executor, started="started")
+        answers = []
+        for i in range(3):
+            answers.append(await asyncio.wait_for(serial.submit(lambda i=i, **_: i), 10))
+        return [answers, serial.handovers]
 
     try:
-        assert asyncio.run(run()) == ["lone", "slow", True]
+        assert asyncio.run(run()) == [[0, 1, 2], 3]
     finally:
         dispatcher.close()
 
 
 def test_serial_hands_over_held_results_before_a_failure(core: Core) -> None:
-    """A result held when the next call fails still arrives, before the failure and the
-    cancellations behind it."""
+    """A result held when the next call fails (before it says it started) still arrives,
+    before the failure and the cancellations behind it."""
     dispatcher = Dispatcher(core)
     gate = threading.Event()
     order: list[str] = []
 
-    def fail() -> None:
+    def fail(**_: Any) -> None:
         raise InvalidArgument("bad batch")
 
     def done(name: str, future: asyncio.Future[Any]) -> None:
         order.append(name)
 
     async def run() -> list[Any]:
-        serial = dispatch.Serial(dispatcher.executor, held=1)
+        serial = dispatch.Serial(dispatcher.executor, started="started")
         futures: list[asyncio.Future[Any]] = [
-            serial.submit(gate.wait, 10),  # its result is held while the next call runs
+            serial.submit(lambda **_: gate.wait(10)),  # its result is held while fail runs
             serial.submit(fail),
-            serial.submit(lambda: "never"),
+            serial.submit(lambda **_: "never"),
         ]
         for name, future in zip(("gate", "fail", "never"), futures, strict=True):
             future.add_done_callback(functools.partial(done, name))
