@@ -242,17 +242,17 @@ class Serial:
     NOTE: for a Train stream. Starting each step from the loop after the previous one ended
     left the worker idle ~1 ms of every ~9 ms step (batch 256, model A, 2 cores): the
     wake-up of the loop, a few turns of it, and the hand-over back to a worker. Each
-    hand-over wakes the loop, which then takes the GIL to answer and to read the next batch:
-    handed over as a step ended, the loop's work fell on the next step's start and between
-    its matrix products, where the step needs the GIL too (traced with ``perf trace``: of the
-    step's time waiting in futexes, 93% came within 3.5 ms of a hand-over and 39% within 0.5
-    ms). Handed over from the
-    next step's start, the loop's work overlaps that step's first matrix product, which
-    runs without the GIL. Streamed training against the in-process engine, toggled round by
-    round on one server (rounds of 120): 0.899x -> 0.960x and 0.895x -> 0.956x, against
-    results handed over in pairs as each second step ended (which had beaten handing each
-    over as its step ended: 0.84-0.91x against 0.82-0.90x); pairs handed over from the next
-    step's start read 0.931x.
+    hand-over wakes the loop, which then takes the GIL to answer and to read the next batch.
+    Handed over as a step ended, that work fell on the next step's start and between its
+    matrix products, where the step needs the GIL too (traced with ``perf trace``: of the
+    step's time waiting in futexes, 93% came within 3.5 ms of a hand-over and 39% within
+    0.5 ms). Handed over from the next step's start, it overlaps that step's first matrix
+    product, which runs without the GIL. Streamed training against the in-process engine
+    (bench/service.py's comparison, rounds of 120), against results handed over in pairs as
+    every second step ended (which had beaten one at a time: 0.84-0.91x against
+    0.82-0.90x): toggled round by round on one server 0.899x -> 0.960x and 0.895x -> 0.956x,
+    two servers of each 0.898x and 0.916x -> 0.936x and 0.957x; pairs handed over from the
+    next step's start read 0.931x.
     """
 
     def __init__(
