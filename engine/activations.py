@@ -132,6 +132,14 @@ def softmax_forward(z: Array, out: Array) -> Array:
     """Row-wise softmax. NOTE: subtracting the row maximum keeps exp from overflowing."""
     # NOTE: the ufuncs' reduce, not the methods z.max and out.sum, which reach the same
     # reduce through a Python wrapper each (~1 us a call, as much as a single row's work).
+    if z.shape[0] == 1:
+        # One row: reductions of the 1-d row, ~0.7 us less than along axis 1 with keepdims;
+        # the same values (max is exact; the sum runs over the same contiguous row).
+        row = z[0]
+        np.subtract(z, np.maximum.reduce(row), out=out)
+        np.exp(out, out=out)
+        out /= np.add.reduce(out[0])
+        return out
     row_max = np.maximum.reduce(z, axis=1, keepdims=True)
     np.subtract(z, row_max, out=out)
     np.exp(out, out=out)

@@ -42,6 +42,64 @@ def test_one_neuron_relu_gives_3_2() -> None:
     assert net.forward(np.array([[2.0, 3.0, 5.0]]))[0, 0] == pytest.approx(3.2, abs=1e-12)
 
 
+#: Each activation in float64, written out independently of engine.activations.
+_REFERENCE_ACTIVATIONS: dict[str, Any] = {
+    "identity": lambda z: z,
+    "relu": lambda z: np.where(z > 0, z, 0.0),
+    "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
+    "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)),
+    "tanh": np.tanh,
+    "gelu": lambda z: 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z**3))),
+    "softmax": lambda z: (
+        np.exp(z - z.max(axis=1, keepdims=True))
+        / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True)
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("hidden", "output", "loss"),
+    [
+        ("relu", "softmax", "softmax_cross_entropy"),
+        ("leaky_relu", "sigmoid", "binary_cross_entropy"),
+        ("sigmoid", "identity", "mse"),
+        ("tanh", "tanh", "mse"),
+        ("gelu", "relu", "mse"),
+        ("identity", "gelu", "mse"),
+    ],
+)
+def test_one_row_and_a_batch_match_a_float64_reference(
+    dtype: str, hidden: str, output: str, loss: str
+) -> None:
+    """A single row (predictions' own path through the engine) and the same rows as a batch
+    both give the float64 reference's outputs."""
+    spec = ModelSpec.from_dict(
+        {
+            "input_dim": 20,
+            "layers": [
+                {"units": 16, "activation": hidden},
+                {"units": 12, "activation": hidden},
+                {"units": 4, "activation": output},
+            ],
+            "loss": loss,
+            "dtype": dtype,
+            "seed": 7,
+        }
+    )
+    params = Network(spec).params
+    x = np.random.default_rng(3).normal(scale=2.0, size=(5, 20)).astype(dtype)
+    expected = x.astype(np.float64)
+    for w, b, layer in zip(params.weights, params.biases, spec.layers, strict=True):
+        z = expected @ w.astype(np.float64) + b
+        expected = _REFERENCE_ACTIVATIONS[layer.activation](z)
+    tolerance = 1e-5 if dtype == "float32" else 1e-12
+    rows = np.concatenate([forward(spec, params, x[i : i + 1]) for i in range(len(x))])
+    assert rows.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(rows, expected, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(forward(spec, params, x), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_weight_nudge_is_one_sgd_step() -> None:
     """The seed's rule w += lr * (actual - predicted) * x with lr 0.1 moves 0.5 to 0.53.
 
