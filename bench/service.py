@@ -552,8 +552,10 @@ def wrk_load(
     concurrency: int,
     budget: Budget,
     server_pid: int,
+    cpus: set[int] | None = None,
 ) -> Sample:
-    """wrk for ``budget.seconds`` (at least 1 s; wrk counts whole seconds)."""
+    """wrk for ``budget.seconds`` (at least 1 s; wrk counts whole seconds), on ``cpus`` when
+    given (else where the scheduler puts it)."""
     script = work / "bench.lua"
     script.write_text(WRK_SCRIPT)
     body_path = work / f"body-{len(body)}.json"
@@ -575,7 +577,13 @@ def wrk_load(
     before = os.times()
     server0 = cpu_seconds(server_pid)
     done = subprocess.run(
-        command, check=False, env=env, capture_output=True, text=True, timeout=seconds + 60
+        command,
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
     )
     after = os.times()
     server_cpu = cpu_seconds(server_pid) - server0
