@@ -23,8 +23,8 @@ body (JSON numbers, base64) and placement:
 - ``separate``: the target on the first allowed CPU, wrk on the second.
 
 Reported per case: requests/s, the target's and wrk's CPU time per request, and the server's
-throughput over the echo's (the target of bench/service.py: >= 0.8x). Needs wrk and two CPUs.
-Every run is bounded in time and every child is stopped by PID.
+throughput over the echo's (the target of bench/service.py: >= 0.8x). Needs wrk, taskset
+(util-linux) and two CPUs. Every run is bounded in time and every child is stopped by PID.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ async def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         raise SystemExit("needs two CPUs")
+    if shutil.which("taskset") is None:
+        raise SystemExit("taskset is not installed (util-linux)")
     payloads = bench.make_payloads(1)
     body = {"json": payloads.rest, "b64": payloads.rest_b64}
     budget = bench.Budget(0, args.seconds, 0)

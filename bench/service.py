@@ -573,6 +573,10 @@ def wrk_load(
         str(script),
         f"http://127.0.0.1:{port}{path}",
     ]
+    if cpus is not None:
+        # NOTE: taskset (util-linux) sets the affinity and execs wrk; a preexec_fn would run
+        # Python between fork and exec, which a process with threads must not do.
+        command = ["taskset", "-c", ",".join(str(cpu) for cpu in sorted(cpus)), *command]
     env = {**os.environ, "BENCH_BODY": str(body_path)}
     before = os.times()
     server0 = cpu_seconds(server_pid)
@@ -583,7 +587,6 @@ def wrk_load(
         capture_output=True,
         text=True,
         timeout=seconds + 60,
-        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
     )
     after = os.times()
     server_cpu = cpu_seconds(server_pid) - server0
