@@ -32,7 +32,9 @@ single-row REST through ``wrk`` when installed (Debian: apt-get install wrk), el
 256 rows, where the server's time dwarfs the client's and every request must complete) raw
 asyncio HTTP/1.1 keep-alive connections. The client's CPU seconds per request are reported
 beside the server's. Every loop is bounded in requests and in time, and every child is stopped
-by PID.
+by PID. wrk runs where the scheduler puts it, as the targets do; at concurrency 1 sharing a
+core with wrk makes the bare echo much faster than apart, and the server less so, which
+bench/rest_placement.py measures with each placement pinned.
 
 Targets: streamed training >= 0.9x in-process samples/s; gRPC single-row Predict p50 at
 concurrency 1 <= 1.3x (echo p50 + in-process forward time); REST single-row Predict
