@@ -23,7 +23,7 @@ COPY service ./service
 COPY clients ./clients
 COPY propserve ./propserve
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-compile . \
+    && /opt/venv/bin/pip install --no-compile '.[server]' \
     && rm -rf /src/build /src/*.egg-info
 
 RUN groupadd --system --gid 10001 propserve \

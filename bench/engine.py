@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402 - after the thread count is in the environment
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_model  # noqa: E402
-from engine import ModelSpec, Network  # noqa: E402
+from propserve.engine import ModelSpec, Network  # noqa: E402
 
 ARCHS: dict[str, list[int]] = {
     "A": [784, 512, 256, 10],

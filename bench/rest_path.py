@@ -96,14 +96,14 @@ async def measure(rounds: int, block: int) -> list[dict[str, Any]]:
     import uvicorn  # noqa: PLC0415
     from uvicorn.server import ServerState  # noqa: PLC0415
 
-    from engine import forward  # noqa: PLC0415
-    from service.auth import Authenticator  # noqa: PLC0415
-    from service.core import Core, Limits  # noqa: PLC0415
-    from service.dispatch import Dispatcher  # noqa: PLC0415
-    from service.http_fast import protocol_class  # noqa: PLC0415
-    from service.metrics import Metrics  # noqa: PLC0415
-    from service.rest_api import PredictHotPath  # noqa: PLC0415
-    from service.store import ModelStore  # noqa: PLC0415
+    from propserve.engine import forward  # noqa: PLC0415
+    from propserve.service.auth import Authenticator  # noqa: PLC0415
+    from propserve.service.core import Core, Limits  # noqa: PLC0415
+    from propserve.service.dispatch import Dispatcher  # noqa: PLC0415
+    from propserve.service.http_fast import protocol_class  # noqa: PLC0415
+    from propserve.service.metrics import Metrics  # noqa: PLC0415
+    from propserve.service.rest_api import PredictHotPath  # noqa: PLC0415
+    from propserve.service.store import ModelStore  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory(prefix="propserve-rest-path-") as store:

@@ -6,7 +6,7 @@
 
 It starts, as child processes on ephemeral loopback ports:
 
-- the real server (``python -m service.cli serve``, a temporary store) with model
+- the real server (``python -m propserve serve``, a temporary store) with model
   A=[784,512,256,10] float32 (relu, softmax cross-entropy, sgd);
 - a bare gRPC echo (grpc.aio, one generic bytes-in/bytes-out method) that receives the same
   serialized PredictRequest and answers bytes the size of the PredictResponse;
@@ -172,7 +172,7 @@ def start_server(work: Path, blas_threads: int | None) -> Child:
     }
     if blas_threads is not None:
         env["PROPSERVE_BLAS_THREADS"] = str(blas_threads)
-    return spawn("server", [sys.executable, "-m", "service.cli", "serve"], work, env)
+    return spawn("server", [sys.executable, "-m", "propserve", "serve"], work, env)
 
 
 def start_echo(kind: str, work: Path) -> Child:
@@ -666,7 +666,7 @@ def in_process_forward(repeats: int, idle: float = 0.0) -> float:
     back to back, or each after sleeping ``idle`` seconds (as a server waits for requests)."""
     import numpy as np  # noqa: PLC0415
 
-    from engine import ModelSpec, Network  # noqa: PLC0415
+    from propserve.engine import ModelSpec, Network  # noqa: PLC0415
 
     network = Network(ModelSpec.from_dict(SPEC))
     x = np.random.default_rng(1).standard_normal((1, 784), dtype=np.float32)
@@ -718,7 +718,7 @@ async def compare_training(
     beside them."""
     import grpc  # noqa: PLC0415
 
-    from engine import ModelSpec, Network  # noqa: PLC0415
+    from propserve.engine import ModelSpec, Network  # noqa: PLC0415
 
     xs, ys, wire = train
     network = Network(ModelSpec.from_dict(SPEC))
@@ -1051,7 +1051,7 @@ async def benchmark(
     plan = QUICK if args.quick else FULL
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
-    from service.server import DEFAULT_BLAS_THREADS  # noqa: PLC0415
+    from propserve.service.server import DEFAULT_BLAS_THREADS  # noqa: PLC0415
 
     # The in-process engine gets the server's BLAS threads, so the comparison is like for like.
     threadpool_limits(args.blas_threads or DEFAULT_BLAS_THREADS, user_api="blas")

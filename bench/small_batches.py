@@ -30,9 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common
-from engine import ModelSpec, Network, forward
-from engine import network as network_module
-from engine.rowsplit import rows_per_call, small_kernels
+from propserve.engine import ModelSpec, Network, forward
+from propserve.engine import network as network_module
+from propserve.engine.rowsplit import rows_per_call, small_kernels
 
 ARCHS: dict[str, list[int]] = {
     "A": [784, 512, 256, 10],

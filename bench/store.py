@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_model
-from service.store import ModelStore
+from propserve.service.store import ModelStore
 
 N_PARAMS = 1_000_000
 

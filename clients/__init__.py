@@ -1,6 +1,6 @@
 """Python clients for propserve, over gRPC and REST, with the same methods and return types.
 
-    from clients import GrpcClient, RestClient
+    from propserve.clients import GrpcClient, RestClient
 
     with GrpcClient("127.0.0.1:50051") as client:
         client.create_model("digits", spec)
@@ -13,9 +13,9 @@ Errors are this package's own (:mod:`clients.errors`), never transport exception
 package speaks only the wire: it imports nothing from the server or the engine.
 """
 
-from clients._progress import Progress
-from clients._retry import RetryPolicy
-from clients.errors import (
+from propserve.clients._progress import Progress
+from propserve.clients._retry import RetryPolicy
+from propserve.clients.errors import (
     AlreadyExists,
     ClientError,
     DataLoss,
@@ -30,9 +30,9 @@ from clients.errors import (
     Unauthenticated,
     Unavailable,
 )
-from clients.grpc_client import AsyncGrpcClient, GrpcClient
-from clients.rest_client import AsyncRestClient, RestClient
-from clients.types import Model, Prediction, StepResult, Version
+from propserve.clients.grpc_client import AsyncGrpcClient, GrpcClient
+from propserve.clients.rest_client import AsyncRestClient, RestClient
+from propserve.clients.types import Model, Prediction, StepResult, Version
 
 __all__ = [
     "AlreadyExists",

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-from clients.types import StepResult
+from propserve.clients.types import StepResult
 
 
 class Progress:

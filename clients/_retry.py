@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from clients.errors import ClientError, TooBusy, Unavailable
+from propserve.clients.errors import ClientError, TooBusy, Unavailable
 
 T = TypeVar("T")
 

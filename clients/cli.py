@@ -33,12 +33,12 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 from numpy.typing import NDArray
 
-from clients import errors
-from clients._progress import Progress
-from clients.datafiles import UsageError, as_targets, load_inputs, load_training_data
-from clients.grpc_client import GrpcClient
-from clients.rest_client import RestClient
-from clients.types import Model, Prediction, StepResult, Version
+from propserve.clients import errors
+from propserve.clients._progress import Progress
+from propserve.clients.datafiles import UsageError, as_targets, load_inputs, load_training_data
+from propserve.clients.grpc_client import GrpcClient
+from propserve.clients.rest_client import RestClient
+from propserve.clients.types import Model, Prediction, StepResult, Version
 
 EXIT_OK = 0
 EXIT_REFUSED = 1

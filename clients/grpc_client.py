@@ -17,10 +17,10 @@ import grpc.aio
 import numpy as np
 from numpy.typing import NDArray
 
-from clients import errors
-from clients._progress import Progress
-from clients._retry import NO_RETRY, RetryPolicy
-from clients.types import Model, Prediction, StepResult, Version, as_array
+from propserve.clients import errors
+from propserve.clients._progress import Progress
+from propserve.clients._retry import NO_RETRY, RetryPolicy
+from propserve.clients.types import Model, Prediction, StepResult, Version, as_array
 from propserve.v1 import model_service_pb2 as pb
 from propserve.v1 import model_service_pb2_grpc as pb_grpc
 

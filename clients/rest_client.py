@@ -6,7 +6,9 @@ httpx, with the same methods and return types as the gRPC clients.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import ssl
 from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
@@ -14,13 +16,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-import orjson
-import pybase64
 
-from clients import errors
-from clients._progress import Progress
-from clients._retry import NO_RETRY, RetryPolicy
-from clients.types import Model, Prediction, StepResult, Version, as_array
+from propserve.clients import errors
+from propserve.clients._progress import Progress
+from propserve.clients._retry import NO_RETRY, RetryPolicy
+from propserve.clients.types import Model, Prediction, StepResult, Version, as_array
 
 _STATUS_CODES = {
     400: "invalid_argument",
@@ -39,9 +39,9 @@ _STATUS_CODES = {
 def translate(response: httpx.Response) -> errors.ClientError:
     """The client's own exception for an error response."""
     try:
-        detail = orjson.loads(response.content)["error"]
+        detail = json.loads(response.content)["error"]
         code, message = str(detail["code"]), str(detail["message"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         code = _STATUS_CODES.get(
             response.status_code, "internal" if response.status_code >= 500 else "unknown"
         )
@@ -90,7 +90,7 @@ def tensor_json(value: Any, encoding: str = "base64") -> Any:
             raise errors.InvalidArgument("values out of the range of int64")
         data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
         return {
-            "b64": pybase64.b64encode_as_string(data.data),
+            "b64": base64.b64encode(data.data).decode("ascii"),
             "shape": list(array.shape),
             "dtype": dtype,
         }
@@ -112,7 +112,20 @@ def _encoding(tensor_encoding: str) -> str:
 
 
 def dumps(body: Any) -> bytes:
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    """A JSON body; numbers that JSON cannot carry (NaN, infinities) are refused."""
+    try:
+        return json.dumps(body, default=_plain, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:
+        raise errors.InvalidArgument(
+            "a number in the request is not finite (NaN or infinite), which JSON cannot carry"
+        ) from None
+
+
+def _plain(value: Any) -> Any:
+    """numpy values as JSON's lists and numbers."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 def _fields(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +238,7 @@ class RestClient:
                 raise transport_error(exc) from None
             if response.status_code >= 400:
                 raise translate(response)
-            return orjson.loads(response.content) if response.content else None
+            return json.loads(response.content) if response.content else None
 
         return (self.retry if retry else NO_RETRY).call(once)
 
@@ -362,7 +375,7 @@ class AsyncRestClient:
                 raise transport_error(exc) from None
             if response.status_code >= 400:
                 raise translate(response)
-            return orjson.loads(response.content) if response.content else None
+            return json.loads(response.content) if response.content else None
 
         return await (self.retry if retry else NO_RETRY).acall(once)
 

@@ -11,11 +11,11 @@ semantics, and state as safetensors bytes. No I/O, no threads of its own.
     probabilities = net.forward(x)
 """
 
-from engine.errors import DivergedError, EngineError, InputError, SpecError, StateError
-from engine.inputs import all_finite, check_inputs, check_targets
-from engine.network import Network, Params, TrainResult, forward
-from engine.serialization import dump_network, load_network
-from engine.spec import DEFAULT_MAX_PARAMS, LayerSpec, ModelSpec, OptimizerSpec
+from propserve.engine.errors import DivergedError, EngineError, InputError, SpecError, StateError
+from propserve.engine.inputs import all_finite, check_inputs, check_targets
+from propserve.engine.network import Network, Params, TrainResult, forward
+from propserve.engine.serialization import dump_network, load_network
+from propserve.engine.spec import DEFAULT_MAX_PARAMS, LayerSpec, ModelSpec, OptimizerSpec
 
 __version__ = "0.1.0"
 

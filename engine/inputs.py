@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.errors import InputError
-from engine.spec import ModelSpec
+from propserve.engine.errors import InputError
+from propserve.engine.spec import ModelSpec
 
 
 def _describe(x: Any) -> str:

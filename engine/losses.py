@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.activations import sigmoid_forward
+from propserve.engine.activations import sigmoid_forward
 
 Array = NDArray[np.floating]
 Loss = Callable[[Array, Array, NDArray[Any], Array], float]

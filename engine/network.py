@@ -29,14 +29,14 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.activations import BACKWARD, FORWARD
-from engine.errors import DivergedError, InputError, StateError
-from engine.initializers import INITIALIZERS
-from engine.inputs import check_inputs, check_targets
-from engine.losses import FUSED, LOSSES, accuracy
-from engine.optimizers import Optimizer, make_optimizer
-from engine.rowsplit import rows_per_call
-from engine.spec import ModelSpec
+from propserve.engine.activations import BACKWARD, FORWARD
+from propserve.engine.errors import DivergedError, InputError, StateError
+from propserve.engine.initializers import INITIALIZERS
+from propserve.engine.inputs import check_inputs, check_targets
+from propserve.engine.losses import FUSED, LOSSES, accuracy
+from propserve.engine.optimizers import Optimizer, make_optimizer
+from propserve.engine.rowsplit import rows_per_call
+from propserve.engine.spec import ModelSpec
 
 Array = NDArray[Any]
 _MAX_WORKSPACES = 4  # batch sizes whose training buffers are kept
@@ -377,13 +377,13 @@ class Network:
 
     def to_bytes(self) -> bytes:
         """Parameters, optimizer state and step as safetensors bytes (see serialization)."""
-        from engine.serialization import dump_network  # noqa: PLC0415 - mutual import
+        from propserve.engine.serialization import dump_network  # noqa: PLC0415 - mutual import
 
         return dump_network(self)
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, **limits: int) -> Network:
-        from engine.serialization import load_network  # noqa: PLC0415 - mutual import
+        from propserve.engine.serialization import load_network  # noqa: PLC0415 - mutual import
 
         return load_network(data, **limits)
 

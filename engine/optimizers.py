@@ -21,8 +21,8 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.errors import StateError
-from engine.spec import OptimizerSpec
+from propserve.engine.errors import StateError
+from propserve.engine.spec import OptimizerSpec
 
 Array = NDArray[np.floating]
 

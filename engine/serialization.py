@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.errors import EngineError, StateError
-from engine.network import Network, layer_views
-from engine.spec import DEFAULT_MAX_PARAMS, ModelSpec
+from propserve.engine.errors import EngineError, StateError
+from propserve.engine.network import Network, layer_views
+from propserve.engine.spec import DEFAULT_MAX_PARAMS, ModelSpec
 
 FORMAT = "propserve.mlp"
 FORMAT_VERSION = "1"

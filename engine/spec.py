@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import SpecError
-from engine.initializers import INITIALIZERS
+from propserve.engine.errors import SpecError
+from propserve.engine.initializers import INITIALIZERS
 
 HIDDEN_ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
 OUTPUT_ACTIVATIONS = (*HIDDEN_ACTIVATIONS, "softmax")

@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from clients import (
+from propserve.clients import (
     AlreadyExists,
     ClientError,
     GrpcClient,

@@ -3,8 +3,9 @@
     .venv/bin/python scripts/generate_protos.py            # rewrite propserve/v1/*_pb2*.py[i]
     .venv/bin/python scripts/generate_protos.py --check    # exit 1 if the committed code is stale
 
-Output goes to the ``propserve`` package (``propserve/v1/``), shared by the server and the
-clients. Messages get .pyi stubs from protoc; services get them from mypy-protobuf's plugin.
+Output goes to the ``propserve`` package's generated folders (``propserve/v1/``), shared by
+the server and the clients; the package's other files are hand-written. Messages get .pyi
+stubs from protoc; services get them from mypy-protobuf's plugin.
 """
 
 from __future__ import annotations
@@ -38,9 +39,16 @@ def generate(out: Path) -> list[Path]:
         *(str(p.relative_to(PROTO_ROOT)) for p in protos),
     ]
     subprocess.run(command, check=True)
-    for folder in [out / PACKAGE, *(p for p in (out / PACKAGE).rglob("*") if p.is_dir())]:
+    for folder in (p for p in (out / PACKAGE).rglob("*") if p.is_dir()):
         (folder / "__init__.py").touch()
-    return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    # The generated folders (one per proto package, e.g. propserve/v1) are this script's;
+    # the rest of the propserve package is hand-written.
+    return sorted(p.relative_to(out) for p in (out / PACKAGE).rglob("*/*") if p.is_file())
+
+
+def generated_folders(files: list[Path]) -> list[Path]:
+    """The package's folders the script owns: the first level below it holding ``files``."""
+    return sorted({Path(*f.parts[:2]) for f in files})
 
 
 def main() -> int:
@@ -52,7 +60,8 @@ def main() -> int:
         if args.check:
             committed = sorted(
                 p.relative_to(ROOT)
-                for p in (ROOT / PACKAGE).rglob("*")
+                for folder in generated_folders(files)
+                for p in (ROOT / folder).rglob("*")
                 if p.is_file() and "__pycache__" not in p.parts
             )
             stale = [
@@ -66,7 +75,8 @@ def main() -> int:
                 print("stale generated code (run scripts/generate_protos.py):", *stale, sep="\n  ")
                 return 1
             return 0
-        shutil.rmtree(ROOT / PACKAGE, ignore_errors=True)
+        for folder in generated_folders(files):
+            shutil.rmtree(ROOT / folder, ignore_errors=True)
         for f in files:
             (ROOT / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tmp) / f, ROOT / f)

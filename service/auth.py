@@ -12,7 +12,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from propserve.service.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 ROLES = ("predict", "train", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}

@@ -1,4 +1,4 @@
-"""The ``propserve`` command: ``propserve serve`` runs the server."""
+"""``propserve serve``: the server's verb of the ``propserve`` command (see propserve.cli)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-import engine
-from clients.cli import Parser, add_client_commands
-from service import errors
+from propserve.service import errors
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.memory import configure_heap  # noqa: PLC0415 - keep client commands light
+    from propserve.service.memory import configure_heap  # noqa: PLC0415 - keep client commands light
 
     configure_heap()  # before any thread of the server's starts
-    from service import logs  # noqa: PLC0415
-    from service.config import Settings, describe, unknown_variables  # noqa: PLC0415
-    from service.server import serve  # noqa: PLC0415
+    from propserve.service import logs  # noqa: PLC0415
+    from propserve.service.config import Settings, describe, unknown_variables  # noqa: PLC0415
+    from propserve.service.server import serve  # noqa: PLC0415
 
     overrides: dict[str, Any] = {
         k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
@@ -75,22 +73,3 @@ def add_serve(sub: Any) -> None:
         help="write {pid, rest_port, grpc_port} here once ready",
     )
     serve.set_defaults(handler=_serve)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(
-        prog="propserve",
-        description="Serve and train neural networks: 'propserve serve' runs the server, the "
-        "other verbs talk to a running one.",
-    )
-    parser.add_argument("--version", action="version", version=f"propserve {engine.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_serve(sub)
-    add_client_commands(sub)
-    args = parser.parse_args(argv)
-    handler: Any = args.handler
-    return int(handler(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from engine import (
+from propserve.engine import (
     DivergedError,
     EngineError,
     InputError,
@@ -39,7 +39,7 @@ from engine import (
     check_inputs,
     forward,
 )
-from service.errors import (
+from propserve.service.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
@@ -47,9 +47,9 @@ from service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from service.metrics import Metrics
-from service.store import ModelRecord, ModelStore, VersionMeta
-from service.store.records import check_name
+from propserve.service.metrics import Metrics
+from propserve.service.store import ModelRecord, ModelStore, VersionMeta
+from propserve.service.store.records import check_name
 
 log = logging.getLogger("propserve.core")
 

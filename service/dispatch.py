@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from service.core import Core, Prediction, PredictQuery
-from service.errors import TooBusy, Unavailable
+from propserve.service.core import Core, Prediction, PredictQuery
+from propserve.service.errors import TooBusy, Unavailable
 
 T = TypeVar("T")
 log = logging.getLogger("propserve.dispatch")

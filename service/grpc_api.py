@@ -25,14 +25,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from numpy.typing import NDArray
 
+from propserve.service import errors, tensors
+from propserve.service.auth import Authenticator
+from propserve.service.core import Core, ModelInfo, StepOutcome, VersionInfo
+from propserve.service.dispatch import Dispatcher
+from propserve.service.logs import new_request_id
+from propserve.service.metrics import Metrics
 from propserve.v1 import model_service_pb2 as pb
 from propserve.v1 import model_service_pb2_grpc as pb_grpc
-from service import errors, tensors
-from service.auth import Authenticator
-from service.core import Core, ModelInfo, StepOutcome, VersionInfo
-from service.dispatch import Dispatcher
-from service.logs import new_request_id
-from service.metrics import Metrics
 
 log = logging.getLogger("propserve.grpc")
 

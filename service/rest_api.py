@@ -21,13 +21,13 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors, jsonnumbers, tensors
-from service.auth import Authenticator, Principal
-from service.core import Core, ModelInfo, Prediction, VersionInfo
-from service.dispatch import Dispatcher
-from service.logs import new_request_id
-from service.metrics import Metrics
-from service.rest_schemas import (
+from propserve.service import errors, jsonnumbers, tensors
+from propserve.service.auth import Authenticator, Principal
+from propserve.service.core import Core, ModelInfo, Prediction, VersionInfo
+from propserve.service.dispatch import Dispatcher
+from propserve.service.logs import new_request_id
+from propserve.service.metrics import Metrics
+from propserve.service.rest_schemas import (
     CreateModelBody,
     ErrorOut,
     LabelBody,

@@ -25,17 +25,17 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health_pb2
 
-from service import errors
-from service.auth import Authenticator, load_tokens
-from service.config import Settings
-from service.core import Core, Limits
-from service.dispatch import Dispatcher
-from service.grpc_api import SERVICE_NAME, ModelServiceAdapter, add_services, new_server
-from service.http_fast import protocol_class
-from service.memory import after_bursts, collect_and_freeze
-from service.metrics import Metrics
-from service.rest_api import PredictHotPath, create_app
-from service.store import ModelStore
+from propserve.service import errors
+from propserve.service.auth import Authenticator, load_tokens
+from propserve.service.config import Settings
+from propserve.service.core import Core, Limits
+from propserve.service.dispatch import Dispatcher
+from propserve.service.grpc_api import SERVICE_NAME, ModelServiceAdapter, add_services, new_server
+from propserve.service.http_fast import protocol_class
+from propserve.service.memory import after_bursts, collect_and_freeze
+from propserve.service.metrics import Metrics
+from propserve.service.rest_api import PredictHotPath, create_app
+from propserve.service.store import ModelStore
 
 log = logging.getLogger("propserve.server")
 

@@ -18,7 +18,7 @@ import numpy as np
 import pybase64
 from numpy.typing import NDArray
 
-from service.errors import InvalidArgument, ResourceExhausted
+from propserve.service.errors import InvalidArgument, ResourceExhausted
 
 #: Wire dtype names and the little-endian numpy dtypes they denote.
 DTYPES: dict[str, np.dtype[Any]] = {

@@ -2,8 +2,8 @@
 
 See `service.store.modelstore` for the layout and the guarantees."""
 
-from service.store.modelstore import ModelStore
-from service.store.records import (
+from propserve.service.store.modelstore import ModelStore
+from propserve.service.store.records import (
     DEFAULT_MAX_METADATA_BYTES,
     DEFAULT_SETTINGS,
     NAME_PATTERN,

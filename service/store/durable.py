@@ -18,7 +18,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from service.errors import FailedPrecondition, ResourceExhausted
+from propserve.service.errors import FailedPrecondition, ResourceExhausted
 
 # Below this size hashing inline is cheaper than handing the buffer to a thread.
 _PARALLEL_HASH_BYTES = 1 << 20

@@ -40,15 +40,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.errors import (
+from propserve.service.errors import (
     AlreadyExists,
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
-from service.store import durable
-from service.store.records import (
+from propserve.service.store import durable
+from propserve.service.store.records import (
     DEFAULT_MAX_METADATA_BYTES,
     DEFAULT_SETTINGS,
     FORMAT,

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import DataLoss, InvalidArgument, ResourceExhausted
+from propserve.service.errors import DataLoss, InvalidArgument, ResourceExhausted
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 _NAME_RE = re.compile(NAME_PATTERN)

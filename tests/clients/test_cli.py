@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients import GrpcClient
-from service.cli import main
+from propserve.cli import main
+from propserve.clients import GrpcClient
 from tests.support.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -367,7 +367,7 @@ def test_predict_from_stdin_json_with_the_installed_command(
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "propserve",
             "predict",
             name,
             "-",
@@ -439,7 +439,7 @@ def test_server_down_is_one_line_and_exit_3(transport: str) -> None:
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "propserve",
             "models",
             "list",
             "--transport",

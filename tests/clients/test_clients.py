@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from clients import (
+from propserve.clients import (
     AlreadyExists,
     AsyncGrpcClient,
     AsyncRestClient,
@@ -35,7 +35,7 @@ from clients import (
     Unavailable,
     Version,
 )
-from engine import ModelSpec, Network
+from propserve.engine import ModelSpec, Network
 from tests.support.server import ServerProcess, start_server
 
 KINDS = ["grpc", "rest", "async-grpc", "async-rest"]

@@ -9,7 +9,7 @@ import grpc
 import httpx
 import pytest
 
-from clients import ResourceExhausted, RetryPolicy, TooBusy, grpc_client, rest_client
+from propserve.clients import ResourceExhausted, RetryPolicy, TooBusy, grpc_client, rest_client
 
 
 def test_a_429_is_too_busy_with_the_retry_after_hint() -> None:

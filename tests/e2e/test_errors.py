@@ -1118,12 +1118,12 @@ def in_process_failures(tmp_path: Path, prepare: Any) -> tuple[Failure, Failure,
     """Predict once over REST (ASGI, in process) and once over gRPC (a grpc.aio server on
     loopback) against a core that ``prepare(core)`` has set up to fail; returns both
     failures and the captured log."""
-    from service.auth import Authenticator  # noqa: PLC0415 - only here
-    from service.core import Core  # noqa: PLC0415
-    from service.dispatch import Dispatcher  # noqa: PLC0415
-    from service.grpc_api import ModelServiceAdapter, build_server  # noqa: PLC0415
-    from service.rest_api import create_app  # noqa: PLC0415
-    from service.store import ModelStore  # noqa: PLC0415
+    from propserve.service.auth import Authenticator  # noqa: PLC0415 - only here
+    from propserve.service.core import Core  # noqa: PLC0415
+    from propserve.service.dispatch import Dispatcher  # noqa: PLC0415
+    from propserve.service.grpc_api import ModelServiceAdapter, build_server  # noqa: PLC0415
+    from propserve.service.rest_api import create_app  # noqa: PLC0415
+    from propserve.service.store import ModelStore  # noqa: PLC0415
 
     core = Core(ModelStore(tmp_path / "store"))
     dispatcher = Dispatcher(core)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clients import RestClient
+from propserve.clients import RestClient
 from tests.support.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]

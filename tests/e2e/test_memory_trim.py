@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from service.memory import malloc_trim
+from propserve.service.memory import malloc_trim
 from tests.support.server import ServerProcess
 
 

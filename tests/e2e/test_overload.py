@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from clients import AsyncGrpcClient, AsyncRestClient, RetryPolicy
+from propserve.clients import AsyncGrpcClient, AsyncRestClient, RetryPolicy
 from propserve.v1 import model_service_pb2 as pb
 from tests.support.server import ServerProcess, start_server
 

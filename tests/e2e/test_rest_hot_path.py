@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from engine import ModelSpec, Network
+from propserve.engine import ModelSpec, Network
 from tests.support.server import ServerProcess, start_server
 
 SPEC: dict[str, Any] = {

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import (
+from propserve.clients import (
     ClientError,
     GrpcClient,
     PermissionDenied,

@@ -26,7 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
 
-from clients import (
+from propserve.clients import (
     ClientError,
     GrpcClient,
     NotFound,
@@ -36,7 +36,7 @@ from clients import (
     StepResult,
     Unavailable,
 )
-from engine import ModelSpec, Network, Params, forward
+from propserve.engine import ModelSpec, Network, Params, forward
 from tests.support.server import ServerProcess, start_server
 
 Array = NDArray[Any]
@@ -787,8 +787,8 @@ def test_sigterm_drains_saves_unsaved_heads_and_restarts(tmp_path: Path) -> None
 # start-up: before the server starts, or the moment it has said it is ready.
 _SIGNAL_DURING_START = """
 import asyncio, os, signal, sys
-import service.server as server
-from service.cli import main
+import propserve.service.server as server
+from propserve.cli import main
 
 real_start = server.start
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine import ModelSpec, Network
-from engine.spec import HIDDEN_ACTIVATIONS
+from propserve.engine import ModelSpec, Network
+from propserve.engine.spec import HIDDEN_ACTIVATIONS
 from tests.numeric import assert_close
 
 SHAPES = [(3, (4,)), (5, (7, 6))]

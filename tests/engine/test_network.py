@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine import DivergedError, InputError, ModelSpec, Network, all_finite, forward
+from propserve.engine import DivergedError, InputError, ModelSpec, Network, all_finite, forward
 
 CLASSIFIER: dict[str, Any] = {
     "input_dim": 4,

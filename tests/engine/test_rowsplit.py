@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import threadpoolctl
 
-from engine import ModelSpec, Network, forward, rowsplit
-from engine import network as network_module
-from engine.rowsplit import (
+from propserve.engine import ModelSpec, Network, forward, rowsplit
+from propserve.engine import network as network_module
+from propserve.engine.rowsplit import (
     MAX_CALLS,
     MAX_CALLS_FLOAT64,
     MAX_ROW_CALLS,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from engine import ModelSpec, Network, StateError
-from engine.serialization import decode, encode
+from propserve.engine import ModelSpec, Network, StateError
+from propserve.engine.serialization import decode, encode
 
 SPEC: dict[str, Any] = {
     "input_dim": 6,

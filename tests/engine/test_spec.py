@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from engine import ModelSpec, SpecError
+from propserve.engine import ModelSpec, SpecError
 
 VALID: dict[str, Any] = {
     "input_dim": 4,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine import ModelSpec, Network
+from propserve.engine import ModelSpec, Network
 
 DATA_PATH = Path(__file__).resolve().parent / "data" / "torch_reference.json"
 REFERENCE: dict[str, Any] = json.loads(DATA_PATH.read_text())

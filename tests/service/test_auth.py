@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.auth import REQUIRED_ROLE, Authenticator, load_tokens, parse_tokens
-from service.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from propserve.service.auth import REQUIRED_ROLE, Authenticator, load_tokens, parse_tokens
+from propserve.service.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 PREDICT = "p" * 16
 TRAIN = "t" * 20

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.auth import Authenticator
-from service.config import Settings, describe, is_loopback, unknown_variables
-from service.errors import FailedPrecondition
-from service.server import _check_exposure
+from propserve.service.auth import Authenticator
+from propserve.service.config import Settings, describe, is_loopback, unknown_variables
+from propserve.service.errors import FailedPrecondition
+from propserve.service.server import _check_exposure
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +145,7 @@ def test_exposure_beyond_loopback_needs_tokens_or_insecure() -> None:
 def test_dispatch_defaults_are_stated_once_in_value() -> None:
     # NOTE: service.config restates the dispatcher's defaults rather than importing
     # service.dispatch (which would load numpy and the core with every settings read).
-    from service import dispatch  # noqa: PLC0415
+    from propserve.service import dispatch  # noqa: PLC0415
 
     settings = Settings()
     assert settings.batch_rows == dispatch.DEFAULT_BATCH_ROWS

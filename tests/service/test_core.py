@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from engine import ModelSpec, Network
-from service.core import Core, Limits
-from service.errors import (
+from propserve.engine import ModelSpec, Network
+from propserve.service.core import Core, Limits
+from propserve.service.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -23,7 +23,7 @@ from service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from service.store import ModelStore
+from propserve.service.store import ModelStore
 
 Array = NDArray[Any]
 

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine import ModelSpec, forward
-from service import dispatch
-from service.core import Core, Prediction
-from service.dispatch import Dispatcher
-from service.errors import (
+from propserve.engine import ModelSpec, forward
+from propserve.service import dispatch
+from propserve.service.core import Core, Prediction
+from propserve.service.dispatch import Dispatcher
+from propserve.service.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -25,7 +25,7 @@ from service.errors import (
     TooBusy,
     Unavailable,
 )
-from service.store import ModelStore
+from propserve.service.store import ModelStore
 
 SPEC: dict[str, Any] = {
     "input_dim": 8,

@@ -15,13 +15,13 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from service.auth import Authenticator
-from service.core import Core
-from service.dispatch import Dispatcher
-from service.http_fast import HotPathProtocol, plain_predict, protocol_class
-from service.metrics import Metrics
-from service.rest_api import PredictHotPath
-from service.store import ModelStore
+from propserve.service.auth import Authenticator
+from propserve.service.core import Core
+from propserve.service.dispatch import Dispatcher
+from propserve.service.http_fast import HotPathProtocol, plain_predict, protocol_class
+from propserve.service.metrics import Metrics
+from propserve.service.rest_api import PredictHotPath
+from propserve.service.store import ModelStore
 
 SPEC: dict[str, Any] = {
     "input_dim": 4,

@@ -14,9 +14,9 @@ import simdjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import errors, jsonnumbers
-from service.rest_api import json_object, predict_request
-from service.tensors import from_matrix
+from propserve.service import errors, jsonnumbers
+from propserve.service.rest_api import json_object, predict_request
+from propserve.service.tensors import from_matrix
 
 LIMIT = 10_000
 

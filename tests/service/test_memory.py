@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from service import memory
-from service.memory import (
+from propserve.service import memory
+from propserve.service.memory import (
     IdleTrim,
     after_bursts,
     collect_and_freeze,
@@ -162,7 +162,7 @@ def test_heap_parameters_are_set_unless_the_environment_says(
 #: away each round (4 MiB is twice the largest such block), so every round faults anew.
 HEAP_ROUNDS = """
 import resource, sys
-from service.memory import configure_heap
+from propserve.service.memory import configure_heap
 if sys.argv[1] == "configured":
     configure_heap()
 block = bytearray(2 << 20)

@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from service.metrics import BATCH_ROWS_BUCKETS, LATENCY_BUCKETS, Metrics
+from propserve.service.metrics import BATCH_ROWS_BUCKETS, LATENCY_BUCKETS, Metrics
 
 OBSERVATIONS = 400
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import (
+from propserve.service.errors import (
     AlreadyExists,
     DataLoss,
     FailedPrecondition,
@@ -24,7 +24,7 @@ from service.errors import (
     NotFound,
     ResourceExhausted,
 )
-from service.store import DEFAULT_SETTINGS, ModelStore, records
+from propserve.service.store import DEFAULT_SETTINGS, ModelStore, records
 
 SPEC: dict[str, Any] = {"input": 3, "layers": [{"units": 2, "activation": "relu"}]}
 

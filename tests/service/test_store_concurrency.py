@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import FailedPrecondition
-from service.store import ModelStore
+from propserve.service.errors import FailedPrecondition
+from propserve.service.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 30.0
@@ -34,7 +34,7 @@ WRITER = (
     HELPERS
     + """
 import sys, time
-from service.store import ModelStore
+from propserve.service.store import ModelStore
 root, seconds = sys.argv[1], float(sys.argv[2])
 store = ModelStore(root)
 store.create_model("m", {"units": [3]}, {"retain": 3})
@@ -58,8 +58,8 @@ READER = (
     HELPERS
     + """
 import json, random, sys, time
-from service.errors import NotFound, PropserveError
-from service.store import ModelStore
+from propserve.service.errors import NotFound, PropserveError
+from propserve.service.store import ModelStore
 root, seconds = sys.argv[1], float(sys.argv[2])
 store = ModelStore(root, read_only=True)
 rng = random.Random(0)
@@ -94,7 +94,7 @@ print(json.dumps({"reads": reads, "vanished": vanished, "errors": errors}), flus
 
 HOLDER = """
 import sys, time
-from service.store import ModelStore
+from propserve.service.store import ModelStore
 store = ModelStore(sys.argv[1])
 store.create_model("m", {}, None)
 print("ready", flush=True)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import NotFound
-from service.store import ModelStore
+from propserve.service.errors import NotFound
+from propserve.service.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT_S = 20.0
@@ -45,8 +45,8 @@ RANDOM_WRITER = (
     HELPERS
     + """
 import sys, time
-from service.errors import PropserveError
-from service.store import ModelStore
+from propserve.service.errors import PropserveError
+from propserve.service.store import ModelStore
 root, seed, big = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(seed)
 store = ModelStore(root)
@@ -93,7 +93,7 @@ CRASH_AT_STEP = (
     HELPERS
     + """
 import os, signal, sys, threading
-from service.store import ModelStore
+from propserve.service.store import ModelStore
 root, op, crash_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = ModelStore(root)
 calls = 0

@@ -11,8 +11,8 @@ import numpy as np
 import pybase64
 import pytest
 
-from service import tensors
-from service.errors import InvalidArgument, ResourceExhausted
+from propserve.service import tensors
+from propserve.service.errors import InvalidArgument, ResourceExhausted
 
 LIMIT = 1000
 

@@ -75,7 +75,7 @@ def start_server(
         "PROPSERVE_GRACE_SECONDS": "5",
         **(env or {}),
     }
-    command = [sys.executable, "-m", "service.cli", "serve", *(args or [])]
+    command = [sys.executable, "-m", "propserve", "serve", *(args or [])]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command,
@@ -116,7 +116,7 @@ def serve_once(folder: Path, env: dict[str, str]) -> subprocess.CompletedProcess
         if key not in env:
             child_env.pop(key, None)
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve"],
+        [sys.executable, "-m", "propserve", "serve"],
         env=child_env,
         cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
