@@ -582,13 +582,13 @@ def run(verb: Callable[[argparse.Namespace, Client], int], args: argparse.Namesp
         return _fail(str(exc), EXIT_USAGE)
     except (errors.Unavailable, errors.DeadlineExceeded) as exc:
         where = f"{_address(args)} ({args.transport})"
-        first = exc.message.splitlines()[0] if exc.message else exc.code
+        first = exc.message.splitlines()[0] if exc.message else exc.code.name
         first = first.removeprefix("cannot reach the server: ")
         if isinstance(exc, errors.DeadlineExceeded):
             return _fail(f"no answer from the server at {where} in time: {first}", EXIT_UNREACHABLE)
         return _fail(f"cannot reach the server at {where}: {first}", EXIT_UNREACHABLE)
     except errors.ClientError as exc:
-        message = exc.message.splitlines()[0] if exc.message else exc.code.replace("_", " ")
+        message = exc.message.splitlines()[0] if exc.message else exc.code.name.replace("_", " ")
         return _fail(message, EXIT_REFUSED)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)

@@ -1,104 +1,126 @@
-"""The clients' exceptions: one type per server error code, carrying the server's message.
+"""The clients' exceptions: one type per wire code (propserve.wire), carrying the server's
+message and the request's id.
 
 Transport exceptions (grpc.RpcError, httpx errors) never escape a client; they become these.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from propserve import wire
+
 
 class ClientError(Exception):
     """An error answered by the server, or the transport failing to reach it.
 
-    ``code`` is the server's code name (e.g. "not_found"); ``status`` the transport's own
-    (the gRPC status name or the HTTP status), for logs.
+    ``code`` is the wire code (``code.name`` e.g. "not_found"); ``status`` the transport's
+    own (the gRPC status name or the HTTP status), for logs; ``request_id`` the id under
+    which the server logged the request, when it answered.
     """
 
-    code = "unknown"
+    code: ClassVar[wire.Code] = wire.INTERNAL
 
-    def __init__(self, message: str, *, status: str | int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: str | int | None = None, request_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
-
-
-class NotFound(ClientError):
-    code = "not_found"
+        self.request_id = request_id
 
 
 class InvalidArgument(ClientError):
-    code = "invalid_argument"
+    code = wire.INVALID_ARGUMENT
+
+
+class NotFound(ClientError):
+    code = wire.NOT_FOUND
 
 
 class AlreadyExists(ClientError):
-    code = "already_exists"
+    code = wire.ALREADY_EXISTS
 
 
 class FailedPrecondition(ClientError):
     """The server refused in its current state, e.g. a diverging training step."""
 
-    code = "failed_precondition"
+    code = wire.FAILED_PRECONDITION
 
 
 class ResourceExhausted(ClientError):
     """Over a limit: a message, rows or parameters too large, or (TooBusy) too much work."""
 
-    code = "resource_exhausted"
+    code = wire.RESOURCE_EXHAUSTED
 
 
 class TooBusy(ResourceExhausted):
     """The server refused the call for having too much work waiting; nothing was done.
     Idempotent calls retry it, waiting at least ``retry_after`` seconds (the server's hint)."""
 
+    code = wire.TOO_BUSY
+
     def __init__(
-        self, message: str, *, status: str | int | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        status: str | int | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, status=status)
+        super().__init__(message, status=status, request_id=request_id)
         self.retry_after = retry_after
 
 
 class Unauthenticated(ClientError):
-    code = "unauthenticated"
+    code = wire.UNAUTHENTICATED
 
 
 class PermissionDenied(ClientError):
-    code = "permission_denied"
+    code = wire.PERMISSION_DENIED
 
 
 class Unavailable(ClientError):
     """The server is unreachable, shutting down, or not ready."""
 
-    code = "unavailable"
-
-
-class DeadlineExceeded(ClientError):
-    code = "deadline_exceeded"
+    code = wire.UNAVAILABLE
 
 
 class DataLoss(ClientError):
-    code = "data_loss"
+    code = wire.DATA_LOSS
+
+
+class DeadlineExceeded(ClientError):
+    code = wire.DEADLINE_EXCEEDED
 
 
 class Internal(ClientError):
-    code = "internal"
+    code = wire.INTERNAL
 
 
+def _ladder(root: type[ClientError]) -> list[type[ClientError]]:
+    found = [root]
+    for sub in root.__subclasses__():
+        found += _ladder(sub)
+    return found
+
+
+#: The exception class of each wire code.
 BY_CODE: dict[str, type[ClientError]] = {
-    cls.code: cls
-    for cls in (
-        NotFound,
-        InvalidArgument,
-        AlreadyExists,
-        FailedPrecondition,
-        ResourceExhausted,
-        Unauthenticated,
-        PermissionDenied,
-        Unavailable,
-        DeadlineExceeded,
-        DataLoss,
-        Internal,
-    )
+    cls.code.name: cls for cls in _ladder(ClientError) if cls is not ClientError
 }
 
 
-def from_code(code: str, message: str, status: str | int | None = None) -> ClientError:
-    return BY_CODE.get(code, ClientError)(message, status=status)
+def from_code(
+    code: str,
+    message: str,
+    *,
+    status: str | int | None = None,
+    request_id: str | None = None,
+    retry_after: float | None = None,
+) -> ClientError:
+    """The exception for wire code ``code`` (an unknown code gives a plain ClientError)."""
+    cls = BY_CODE.get(code, ClientError)
+    if issubclass(cls, TooBusy):
+        return cls(message, status=status, request_id=request_id, retry_after=retry_after)
+    return cls(message, status=status, request_id=request_id)

@@ -7,7 +7,6 @@ bidirectional ``Train`` call and returns one result per batch.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import grpc.aio
 import numpy as np
 from numpy.typing import NDArray
 
+from propserve import wire
 from propserve.clients import errors
 from propserve.clients._progress import Progress
 from propserve.clients._retry import NO_RETRY, RetryPolicy
@@ -24,23 +24,13 @@ from propserve.clients.types import Model, Prediction, StepResult, Version, as_a
 from propserve.v1 import model_service_pb2 as pb
 from propserve.v1 import model_service_pb2_grpc as pb_grpc
 
-_CODES = {
-    grpc.StatusCode.NOT_FOUND: "not_found",
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
-    grpc.StatusCode.OUT_OF_RANGE: "invalid_argument",
-    grpc.StatusCode.ALREADY_EXISTS: "already_exists",
-    grpc.StatusCode.FAILED_PRECONDITION: "failed_precondition",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted",
-    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
-    grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
-    grpc.StatusCode.UNAVAILABLE: "unavailable",
+#: Statuses the server never answers with, mapped to what they mean to a caller.
+_STATUS_CODES = {
+    "OUT_OF_RANGE": wire.INVALID_ARGUMENT,
     # NOTE: these clients never cancel a call themselves, so CANCELLED comes from the server
     # aborting it: a server that stops while the call is queued. Retrying it is safe for
     # idempotent calls, like UNAVAILABLE.
-    grpc.StatusCode.CANCELLED: "unavailable",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
-    grpc.StatusCode.DATA_LOSS: "data_loss",
-    grpc.StatusCode.INTERNAL: "internal",
+    "CANCELLED": wire.UNAVAILABLE,
 }
 _DTYPES: dict[np.dtype[Any], pb.DType] = {
     np.dtype("<f4"): pb.DTYPE_FLOAT32,
@@ -53,30 +43,37 @@ DEFAULT_MAX_MESSAGE = 64 << 20
 
 
 def translate(exc: grpc.RpcError) -> errors.ClientError:
-    """The client's own exception for a failed call."""
-    code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
-    details = exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else str(exc)
-    name = _CODES.get(code, "unknown") if code is not None else "unknown"
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        hint = _trailer(exc, "retry-after-ms")
-        if hint is not None:
-            return errors.TooBusy(
-                details or code.name, status=code.name, retry_after=_milliseconds(hint)
-            )
-    return errors.from_code(name, details or str(code), code.name if code else None)
+    """The client's own exception for a failed call: by the code the server named in its
+    trailers, else by the status."""
+    if not isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
+        return errors.Unavailable(str(exc))
+    status = exc.code()
+    details = exc.details() or status.name
+    name = _trailer(exc, wire.ERROR_CODE_KEY)
+    if name is None or name not in wire.BY_NAME:
+        code = _STATUS_CODES.get(status.name) or wire.code_for_status(grpc=status.name)
+        name = code.name
+        if status.name == "RESOURCE_EXHAUSTED" and _trailer(exc, wire.RETRY_AFTER_MS_KEY):
+            name = wire.TOO_BUSY.name
+    return errors.from_code(
+        name,
+        details,
+        status=status.name,
+        request_id=_trailer(exc, wire.REQUEST_ID_KEY),
+        retry_after=_milliseconds(_trailer(exc, wire.RETRY_AFTER_MS_KEY)),
+    )
 
 
-def _trailer(exc: grpc.RpcError, key: str) -> str | None:
-    trailers = exc.trailing_metadata() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else ()
-    for name, value in trailers or ():
+def _trailer(exc: grpc.Call | grpc.aio.AioRpcError, key: str) -> str | None:
+    for name, value in exc.trailing_metadata() or ():
         if name == key:
             return value if isinstance(value, str) else value.decode("latin-1")
     return None
 
 
-def _milliseconds(value: str) -> float | None:
+def _milliseconds(value: str | None) -> float | None:
     try:
-        return max(0.0, int(value) / 1000)
+        return max(0.0, int(value) / 1000) if value is not None else None
     except ValueError:
         return None
 
@@ -125,11 +122,17 @@ def model_from(message: pb.Model) -> Model:
         },
         labels=dict(message.labels),
         head_step=message.head_step,
-        latest_version=message.latest_version or None,
+        latest_version=_optional(message, "latest_version"),
         unsaved_steps=message.unsaved_steps,
         parameter_count=message.parameter_count,
-        last_loss=None if math.isnan(message.last_loss) else message.last_loss,
+        created_at=message.created_at,
+        last_loss=_optional(message, "last_loss"),
     )
+
+
+def _optional(message: Any, field: str) -> Any:
+    """An optional field's value, None when unset."""
+    return getattr(message, field) if message.HasField(field) else None
 
 
 def version_from(message: pb.Version) -> Version:
@@ -137,7 +140,8 @@ def version_from(message: pb.Version) -> Version:
         model=message.model,
         version=message.version,
         step=message.step,
-        parent=message.parent or None,
+        created_at=message.created_at,
+        parent=_optional(message, "parent"),
         metrics=dict(message.metrics),
         sha256=message.sha256,
         size_bytes=message.size_bytes,
@@ -292,7 +296,9 @@ class GrpcClient(_Base):
         self, name: str, inputs: Any, *, version: int | None = None, label: str | None = None
     ) -> Prediction:
         response = self._call("Predict", predict_request(name, inputs, version, label), retry=True)
-        return Prediction(decode_tensor(response.outputs), response.version or None, response.step)
+        return Prediction(
+            decode_tensor(response.outputs), _optional(response, "version"), response.step
+        )
 
     def train_step(
         self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None
@@ -428,7 +434,9 @@ class AsyncGrpcClient(_Base):
         response = await self._call(
             "Predict", predict_request(name, inputs, version, label), retry=True
         )
-        return Prediction(decode_tensor(response.outputs), response.version or None, response.step)
+        return Prediction(
+            decode_tensor(response.outputs), _optional(response, "version"), response.step
+        )
 
     async def train_step(
         self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None

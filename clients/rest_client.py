@@ -17,40 +17,41 @@ from typing import Any
 import httpx
 import numpy as np
 
+from propserve import wire
 from propserve.clients import errors
 from propserve.clients._progress import Progress
 from propserve.clients._retry import NO_RETRY, RetryPolicy
 from propserve.clients.types import Model, Prediction, StepResult, Version, as_array
 
-_STATUS_CODES = {
-    400: "invalid_argument",
-    401: "unauthenticated",
-    403: "permission_denied",
-    404: "not_found",
-    409: "failed_precondition",
-    413: "resource_exhausted",
-    422: "invalid_argument",
-    429: "resource_exhausted",
-    503: "unavailable",
-    504: "deadline_exceeded",
-}
-
 
 def translate(response: httpx.Response) -> errors.ClientError:
-    """The client's own exception for an error response."""
+    """The client's own exception for an error response: by the code in its body, else (a
+    proxy's answer, say) by the status."""
     try:
         detail = json.loads(response.content)["error"]
-        code, message = str(detail["code"]), str(detail["message"])
+        name, message = str(detail["code"]), str(detail["message"])
     except (ValueError, KeyError, TypeError):
-        code = _STATUS_CODES.get(
-            response.status_code, "internal" if response.status_code >= 500 else "unknown"
-        )
+        name = wire.code_for_status(http=response.status_code).name
         message = response.text[:500] or response.reason_phrase
-    if response.status_code == 429:
-        return errors.TooBusy(
-            message, status=429, retry_after=_seconds(response.headers.get("retry-after"))
-        )
-    return errors.from_code(code, message, response.status_code)
+    if name not in wire.BY_NAME:
+        name = wire.code_for_status(http=response.status_code).name
+    retry_after = _milliseconds(response.headers.get(wire.RETRY_AFTER_MS_KEY))
+    if retry_after is None:
+        retry_after = _seconds(response.headers.get("retry-after"))
+    return errors.from_code(
+        name,
+        message,
+        status=response.status_code,
+        request_id=response.headers.get(wire.REQUEST_ID_KEY),
+        retry_after=retry_after,
+    )
+
+
+def _milliseconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, int(value) / 1000) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _seconds(value: str | None) -> float | None:

@@ -1,5 +1,5 @@
-"""What the clients return: plain frozen dataclasses and numpy arrays, the same on both
-transports."""
+"""What the clients return: the wire's records (Model, Version, StepResult) and numpy
+arrays, the same on both transports."""
 
 from __future__ import annotations
 
@@ -9,30 +9,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from propserve.wire import Model, StepResult, Version
 
-@dataclass(frozen=True)
-class Model:
-    name: str
-    spec: dict[str, Any]
-    settings: dict[str, int]
-    labels: dict[str, int]
-    head_step: int
-    latest_version: int | None
-    unsaved_steps: int
-    parameter_count: int
-    last_loss: float | None
-
-
-@dataclass(frozen=True)
-class Version:
-    model: str
-    version: int
-    step: int
-    parent: int | None
-    metrics: dict[str, float]
-    sha256: str
-    size_bytes: int
-    labels: tuple[str, ...]
+__all__ = ["Model", "Prediction", "StepResult", "Version", "as_array"]
 
 
 @dataclass(frozen=True)
@@ -43,15 +22,6 @@ class Prediction:
     outputs: NDArray[Any]
     version: int | None
     step: int
-
-
-@dataclass(frozen=True)
-class StepResult:
-    step: int
-    loss: float
-    accuracy: float | None
-    batch_size: int
-    saved_version: int | None
 
 
 def as_array(value: Any) -> NDArray[Any]:

@@ -13,7 +13,9 @@ from pathlib import Path
 # A source checkout keeps engine/, service/ and clients/ beside this folder, where the wheel
 # puts them inside it (pyproject.toml's package-dir): let them import as propserve.* from
 # there too, so the tree runs without being installed.
-_checkout = Path(__file__).resolve().parent.parent
+# (Imported through a link, as editable installs may, the folder itself is added first.)
+_here = Path(__file__).resolve().parent
+_checkout = _here.parent
 if (_checkout / "proto" / "propserve").is_dir() and (_checkout / "service").is_dir():
-    __path__.append(str(_checkout))
-del _checkout, Path
+    __path__ += [str(folder) for folder in (_here, _checkout) if str(folder) not in __path__]
+del _here, _checkout, Path

@@ -1,17 +1,23 @@
-"""The core's typed errors.
+"""The server's typed errors, one class per wire code (propserve.wire).
 
-The core and the store raise these and nothing framework-specific; each transport adapter
-maps them to its own status codes in exactly one table. Messages are written for the user
-of the API: they say what was wrong and, where it helps, what would be accepted.
+The core and the store raise these and nothing framework-specific. Each class carries its
+wire code; a subclass inherits its parent's, so a transport's status for an error is
+``exc.code.grpc`` / ``exc.code.http`` whatever the class, and a new subclass can never turn
+into an internal error by accident. Messages are written for the user of the API: they say
+what was wrong and, where it helps, what would be accepted.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
+
+from propserve import wire
 
 
 class PropserveError(Exception):
     """Base class of every error the core raises on purpose."""
 
-    code: str = "internal"
+    code: ClassVar[wire.Code] = wire.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -21,60 +27,58 @@ class PropserveError(Exception):
 class NotFound(PropserveError):
     """A model, version or label that does not exist."""
 
-    code = "not_found"
+    code = wire.NOT_FOUND
 
 
 class InvalidArgument(PropserveError):
     """Input that can never succeed as given: bad name, shape, dtype, spec, value."""
 
-    code = "invalid_argument"
+    code = wire.INVALID_ARGUMENT
 
 
 class AlreadyExists(PropserveError):
     """Creating something whose name is taken."""
 
-    code = "already_exists"
+    code = wire.ALREADY_EXISTS
 
 
 class FailedPrecondition(PropserveError):
     """The request is well-formed but the system is not in a state to carry it out
-    (a refused diverging step, a store opened read-only, a store locked by another writer)."""
+    (a refused diverging step, a store locked by another writer)."""
 
-    code = "failed_precondition"
+    code = wire.FAILED_PRECONDITION
 
 
 class ResourceExhausted(PropserveError):
-    """Too large (message, rows, parameters, metadata) or too busy."""
+    """Too large: message, rows, elements, parameters, metadata."""
 
-    code = "resource_exhausted"
+    code = wire.RESOURCE_EXHAUSTED
 
 
 class TooBusy(ResourceExhausted):
     """More work waiting than the server accepts (queued prediction rows, calls waiting for
-    a worker); nothing was done, and the same request may succeed later. The transports tell
-    clients when to try again: ``Retry-After`` on REST, ``retry-after-ms`` trailing metadata
-    on gRPC."""
+    a worker); nothing was done, and the same request may succeed later. The transports send
+    the hint ``wire.RETRY_AFTER_MS``."""
 
-    #: The wait suggested to clients.
-    retry_after = 0.1
+    code = wire.TOO_BUSY
 
 
 class Unauthenticated(PropserveError):
     """No credentials, or credentials that are not known."""
 
-    code = "unauthenticated"
+    code = wire.UNAUTHENTICATED
 
 
 class PermissionDenied(PropserveError):
     """Known credentials without the role the operation needs."""
 
-    code = "permission_denied"
+    code = wire.PERMISSION_DENIED
 
 
 class Unavailable(PropserveError):
     """The server is shutting down or not ready."""
 
-    code = "unavailable"
+    code = wire.UNAVAILABLE
 
 
 class DataLoss(PropserveError):
@@ -82,4 +86,10 @@ class DataLoss(PropserveError):
 
     Never served; reported with the model and version it concerns."""
 
-    code = "data_loss"
+    code = wire.DATA_LOSS
+
+
+def code_of(exc: BaseException) -> wire.Code:
+    """The wire code that answers ``exc``: its own for the core's errors, ``internal`` for
+    anything else (a bug)."""
+    return exc.code if isinstance(exc, PropserveError) else wire.INTERNAL

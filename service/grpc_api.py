@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import time
 from asyncio import FIRST_COMPLETED
 from collections import deque
@@ -25,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from numpy.typing import NDArray
 
+from propserve import wire
 from propserve.service import errors, tensors
 from propserve.service.auth import Authenticator
 from propserve.service.core import Core, ModelInfo, StepOutcome, VersionInfo
@@ -36,18 +36,6 @@ from propserve.v1 import model_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("propserve.grpc")
 
-STATUS: dict[type[errors.PropserveError], grpc.StatusCode] = {
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.TooBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
-}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
 
 _WIRE_DTYPES = {
@@ -71,9 +59,7 @@ READ_AHEAD = 3
 
 
 def _status(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, errors.PropserveError):
-        return STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[errors.code_of(exc).grpc]
 
 
 def tensor_in(tensor: pb.Tensor, what: str, max_elements: int) -> NDArray[Any]:
@@ -102,11 +88,11 @@ def model_out(info: ModelInfo) -> pb.Model:
         ),
         labels=info.labels,
         head_step=info.head_step,
-        latest_version=info.latest_version or 0,
+        latest_version=info.latest_version,
         unsaved_steps=info.unsaved_steps,
         parameter_count=info.parameter_count,
-        created_at=_iso(info.created_at),
-        last_loss=math.nan if info.last_loss is None else info.last_loss,
+        created_at=info.created_at,
+        last_loss=info.last_loss,
     )
 
 
@@ -115,18 +101,12 @@ def version_out(info: VersionInfo) -> pb.Version:
         model=info.model,
         version=info.version,
         step=info.step,
-        created_at=_iso(info.created_at),
-        parent=info.parent or 0,
+        created_at=info.created_at,
+        parent=info.parent,
         metrics=info.metrics,
         sha256=info.sha256,
         size_bytes=info.size_bytes,
         labels=info.labels,
-    )
-
-
-def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + (
-        f".{int(timestamp % 1 * 1e6):06d}Z"
     )
 
 
@@ -212,9 +192,12 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
                 rid,
                 exc.message,
             )
-            trailers: tuple[tuple[str, str], ...] = (("x-request-id", rid),)
+            trailers: tuple[tuple[str, str], ...] = (
+                (wire.ERROR_CODE_KEY, exc.code.name),
+                (wire.REQUEST_ID_KEY, rid),
+            )
             if isinstance(exc, errors.TooBusy):
-                trailers += (("retry-after-ms", str(round(exc.retry_after * 1000))),)
+                trailers += ((wire.RETRY_AFTER_MS_KEY, str(wire.RETRY_AFTER_MS)),)
             context.set_trailing_metadata(trailers)
             await context.abort(code, exc.message)
         log.error(
@@ -223,7 +206,9 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
             rid,
             exc_info=exc,
         )
-        context.set_trailing_metadata((("x-request-id", rid),))
+        context.set_trailing_metadata(
+            ((wire.ERROR_CODE_KEY, wire.INTERNAL.name), (wire.REQUEST_ID_KEY, rid))
+        )
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
         raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
@@ -312,7 +297,7 @@ class ModelServiceAdapter(pb_grpc.ModelServiceServicer):
             kwargs["label"] = request.label
         result = await self.dispatch.predict(request.model, inputs, **kwargs)
         return pb.PredictResponse(
-            outputs=tensor_out(result.outputs), version=result.version or 0, step=result.step
+            outputs=tensor_out(result.outputs), version=result.version, step=result.step
         )
 
     def _decode_step(self, request: pb.TrainStepRequest) -> tuple[Any, Any, float | None]:

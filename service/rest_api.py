@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from propserve import wire
 from propserve.service import errors, jsonnumbers, tensors
 from propserve.service.auth import Authenticator, Principal
 from propserve.service.core import Core, ModelInfo, Prediction, VersionInfo
@@ -44,19 +45,6 @@ from propserve.service.rest_schemas import (
 )
 
 log = logging.getLogger("propserve.rest")
-
-HTTP_STATUS: dict[type[errors.PropserveError], int] = {
-    errors.NotFound: 404,
-    errors.InvalidArgument: 400,
-    errors.AlreadyExists: 409,
-    errors.FailedPrecondition: 409,
-    errors.ResourceExhausted: 413,
-    errors.TooBusy: 429,
-    errors.Unauthenticated: 401,
-    errors.PermissionDenied: 403,
-    errors.Unavailable: 503,
-    errors.DataLoss: 500,
-}
 
 
 def model_out(info: ModelInfo) -> ModelOut:
@@ -149,14 +137,15 @@ def failure_response(exc: BaseException, path: str, rid: str) -> Response:
         log.info(
             "request.failed transport=rest path=%s code=%s request_id=%s message=%r",
             path,
-            exc.code,
+            exc.code.name,
             rid,
             exc.message,
         )
-        response = error_response(exc.code, exc.message, HTTP_STATUS.get(type(exc), 500))
+        response = error_response(exc.code.name, exc.message, exc.code.http)
         if isinstance(exc, errors.TooBusy):
-            # Retry-After counts whole seconds; clients may retry sooner with backoff.
-            response.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+            # Retry-After counts whole seconds; our clients read the milliseconds.
+            response.headers["retry-after"] = str(max(1, math.ceil(wire.RETRY_AFTER_MS / 1000)))
+            response.headers[wire.RETRY_AFTER_MS_KEY] = str(wire.RETRY_AFTER_MS)
         return response
     log.error(
         "request.internal_error transport=rest path=%s request_id=%s", path, rid, exc_info=exc
@@ -270,7 +259,7 @@ class PredictHotPath:
 
 _STATUS_TEXT = {status: str(status) for status in range(100, 600)}
 #: Headers of an error response that the hot path passes on.
-_PASSED_HEADERS = frozenset({b"retry-after"})
+_PASSED_HEADERS = frozenset({b"retry-after", wire.RETRY_AFTER_MS_KEY.encode()})
 
 
 # -- authentication ----------------------------------------------------------------------
@@ -624,4 +613,4 @@ def _declare_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-__all__ = ["HTTP_STATUS", "PredictHotPath", "create_app"]
+__all__ = ["PredictHotPath", "create_app"]

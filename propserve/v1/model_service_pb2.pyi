@@ -39,7 +39,7 @@ class ModelSettings(_message.Message):
     def __init__(self, retain: _Optional[int] = ..., autosave_every: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "spec_json", "settings", "labels", "head_step", "latest_version", "unsaved_steps", "parameter_count", "created_at", "last_loss")
+    __slots__ = ("name", "spec_json", "settings", "labels", "head_step", "latest_version", "unsaved_steps", "parameter_count", "last_loss", "created_at")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,8 +55,8 @@ class Model(_message.Message):
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     UNSAVED_STEPS_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
-    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec_json: str
     settings: ModelSettings
@@ -65,9 +65,9 @@ class Model(_message.Message):
     latest_version: int
     unsaved_steps: int
     parameter_count: int
-    created_at: str
     last_loss: float
-    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, int]] = ..., head_step: _Optional[int] = ..., latest_version: _Optional[int] = ..., unsaved_steps: _Optional[int] = ..., parameter_count: _Optional[int] = ..., created_at: _Optional[str] = ..., last_loss: _Optional[float] = ...) -> None: ...
+    created_at: float
+    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, int]] = ..., head_step: _Optional[int] = ..., latest_version: _Optional[int] = ..., unsaved_steps: _Optional[int] = ..., parameter_count: _Optional[int] = ..., last_loss: _Optional[float] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("name", "spec_json", "settings")
@@ -168,7 +168,7 @@ class SaveVersionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class Version(_message.Message):
-    __slots__ = ("model", "version", "step", "created_at", "parent", "metrics", "sha256", "size_bytes", "labels")
+    __slots__ = ("model", "version", "step", "parent", "metrics", "sha256", "size_bytes", "labels", "created_at")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -179,22 +179,22 @@ class Version(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     step: int
-    created_at: str
     parent: int
     metrics: _containers.ScalarMap[str, float]
     sha256: str
     size_bytes: int
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., created_at: _Optional[str] = ..., parent: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    created_at: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., parent: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ("model",)

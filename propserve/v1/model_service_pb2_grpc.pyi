@@ -4,11 +4,13 @@ isort:skip_file
 propserve's API: models that are served (Predict) and trained (TrainStep, Train) by the
 same server, with every saved version kept.
 
-Tensors travel as shape + dtype + little-endian bytes in C (row-major) order.
-Errors use the standard gRPC status codes: NOT_FOUND (model, version, label),
-INVALID_ARGUMENT (bad name, spec, shape, dtype, non-finite values), ALREADY_EXISTS,
-FAILED_PRECONDITION (a refused diverging step, wrong state), RESOURCE_EXHAUSTED (too large,
-too busy), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE (shutting down).
+Tensors travel as shape + dtype + little-endian bytes in C (row-major) order. Times are
+seconds since the Unix epoch; an unset optional field means "none".
+
+Errors use the standard gRPC status codes (the table is propserve/wire.py, rendered in
+docs/api.md); the trailing metadata says more: "error-code" (propserve's code name, e.g.
+"too_busy"), "x-request-id" (the request's id in the server's logs) and, when the server
+was too busy, "retry-after-ms".
 """
 
 from collections import abc as _abc

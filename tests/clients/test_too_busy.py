@@ -12,14 +12,23 @@ import pytest
 from propserve.clients import ResourceExhausted, RetryPolicy, TooBusy, grpc_client, rest_client
 
 
-def test_a_429_is_too_busy_with_the_retry_after_hint() -> None:
-    body = b'{"error": {"code": "resource_exhausted", "message": "try again later"}}'
-    response = httpx.Response(429, content=body, headers={"retry-after": "2"})
-    error = rest_client.translate(response)
+def test_a_too_busy_answer_carries_the_hint_in_milliseconds_and_the_request_id() -> None:
+    body = b'{"error": {"code": "too_busy", "message": "try again later"}}'
+    headers = {"retry-after": "1", "retry-after-ms": "100", "x-request-id": "r-1"}
+    error = rest_client.translate(httpx.Response(429, content=body, headers=headers))
     assert isinstance(error, TooBusy) and isinstance(error, ResourceExhausted)
-    assert error.retry_after == 2.0
+    assert error.retry_after == 0.1
     assert error.message == "try again later"
     assert error.status == 429
+    assert error.request_id == "r-1"
+
+
+def test_a_429_from_elsewhere_is_too_busy_with_its_retry_after() -> None:
+    response = httpx.Response(429, content=b"slow down", headers={"retry-after": "2"})
+    error = rest_client.translate(response)
+    assert isinstance(error, TooBusy)
+    assert error.retry_after == 2.0
+    assert error.request_id is None
 
 
 @pytest.mark.parametrize("header", [None, "soon", "Wed, 21 Oct 2026 07:28:00 GMT"])
@@ -67,14 +76,24 @@ class FakeRpcError(grpc.RpcError, grpc.Call):
         return False
 
 
-def test_resource_exhausted_with_a_retry_hint_is_too_busy() -> None:
-    trailers = (("x-request-id", "abc"), ("retry-after-ms", "250"))
+def test_the_error_code_trailer_says_too_busy() -> None:
+    trailers = (("error-code", "too_busy"), ("x-request-id", "abc"), ("retry-after-ms", "250"))
     error = grpc_client.translate(
         FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "try again later", trailers)
     )
     assert isinstance(error, TooBusy)
     assert error.retry_after == 0.25
     assert error.status == "RESOURCE_EXHAUSTED"
+    assert error.request_id == "abc"
+
+
+def test_resource_exhausted_with_only_a_retry_hint_is_too_busy() -> None:
+    trailers = (("retry-after-ms", "250"),)
+    error = grpc_client.translate(
+        FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "try again later", trailers)
+    )
+    assert isinstance(error, TooBusy)
+    assert error.retry_after == 0.25
 
 
 def test_resource_exhausted_without_a_hint_is_too_large() -> None:

@@ -105,13 +105,16 @@ def test_a_burst_beyond_the_queue_limit_is_refused_too_busy(server: ServerProces
     for failure in refused_grpc:
         assert failure.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "try again later" in (failure.details() or "")
-        assert ("retry-after-ms", "100") in tuple(failure.trailing_metadata() or ())
+        trailers = tuple(failure.trailing_metadata() or ())
+        assert ("retry-after-ms", "100") in trailers
+        assert ("error-code", "too_busy") in trailers
     assert all(isinstance(a, bytes) for a in grpc_answers if a not in refused_grpc)
     for status, body, head in rest_answers:
         if status == 429:
-            assert body["error"]["code"] == "resource_exhausted"
+            assert body["error"]["code"] == "too_busy"
             assert "are waiting already" in body["error"]["message"]
             assert b"\r\nretry-after: 1\r\n" in head
+            assert b"\r\nretry-after-ms: 100\r\n" in head
         else:
             assert status == 200 and len(body["outputs"]) == 1
     # Nothing stays stuck: the model answers normally afterwards.
