@@ -144,16 +144,16 @@ class CountingRetry(RetryPolicy):
 # -- one scenario, four clients, identical results -----------------------------------------
 
 
-def _when(created_at: float) -> str | float:
-    """A creation time as "now" when it is one (seconds since the epoch, within the last
+def _when(created_at: float) -> float:
+    """A creation time as 0.0 when it is recent (seconds since the epoch, within the last
     hour: each transcript creates its own model), else as it is, to fail the comparison."""
     fresh = isinstance(created_at, float) and 0 <= time.time() - created_at < 3600
-    return "now" if fresh else created_at
+    return 0.0 if fresh else created_at
 
 
 def _plain(value: Any) -> Any:
-    """A comparable form of a client result: the model's name blanked, creation times as
-    "now", arrays as bytes."""
+    """A comparable form of a client result: the model's name blanked, recent creation times
+    as 0.0, arrays as bytes."""
     if isinstance(value, Prediction):
         out = value.outputs
         return ("prediction", out.dtype.str, out.shape, out.tobytes(), value.version, value.step)
