@@ -1,18 +1,16 @@
-"""Benchmark of the server's REST path for one single-row prediction, in process: the real
-HTTP protocol (service/http_fast.py over uvicorn's), hot path, dispatcher, core and engine,
-fed a request's bytes on a stand-in transport, from the bytes in to the answer's bytes out.
-No sockets, no client: what is left is the server's own work per request, which bounds REST
-at concurrency 1 (bench/service.py measures that over loopback, against a bare echo).
+"""Benchmark of the server's REST path for single-row predictions, in process: the real
+HTTP server (service/rest/http.py), predict endpoint, data plane, core and engine, fed a
+request's bytes on stand-in transports, from the bytes in to the answer's bytes out. No
+sockets, no client: what is left is the server's own work per request.
 
     .venv/bin/python bench/rest_path.py            # a table
     .venv/bin/python bench/rest_path.py --json     # one JSON object per case
 
 Cases: model A=[784,512,256,10] and a tiny model (784 inputs, 2 outputs); the tensor as JSON
-numbers or base64; the request on the server's only connection (answered at once) or on one
-of two (answered on the next turn of the event loop, where requests read in the same turn
+numbers or base64; one request at a time, or 8 arriving together on 8 connections (they
 share a forward pass). Baseline: the engine's forward pass of the same row alone, measured
-in the same run; "stack" is the path minus that forward pass. One BLAS thread, as the
-server runs. Medians of interleaved blocks.
+in the same run; "stack" is the time per request minus that forward pass. One BLAS thread,
+as the server runs. Medians of interleaved blocks.
 """
 
 from __future__ import annotations
@@ -91,81 +89,71 @@ class Transport(asyncio.Transport):
     def close(self) -> None:
         pass
 
+    def abort(self) -> None:
+        pass
+
 
 async def measure(rounds: int, block: int) -> list[dict[str, Any]]:
-    import uvicorn  # noqa: PLC0415
-    from uvicorn.server import ServerState  # noqa: PLC0415
-
     from propserve.engine import forward  # noqa: PLC0415
     from propserve.service.auth import Authenticator  # noqa: PLC0415
-    from propserve.service.core import Core, Limits  # noqa: PLC0415
-    from propserve.service.dispatch import Dispatcher  # noqa: PLC0415
-    from propserve.service.http_fast import protocol_class  # noqa: PLC0415
+    from propserve.service.config import Settings  # noqa: PLC0415
+    from propserve.service.dataplane import DataPlane  # noqa: PLC0415
     from propserve.service.metrics import Metrics  # noqa: PLC0415
-    from propserve.service.rest_api import PredictHotPath  # noqa: PLC0415
+    from propserve.service.models import Models  # noqa: PLC0415
+    from propserve.service.rest import http  # noqa: PLC0415
+    from propserve.service.rest.app import RestApp  # noqa: PLC0415
     from propserve.service.store import ModelStore  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory(prefix="propserve-rest-path-") as store:
+        settings = Settings(store=Path(store), tune_heap=False)
         metrics = Metrics()
-        core = Core(ModelStore(Path(store)), limits=Limits(), metrics=metrics)
+        models = Models(ModelStore(settings.store), settings, metrics)
         for name, spec in MODELS.items():
-            core.create_model(name.lower(), spec)
-        dispatcher = Dispatcher(core, busy_poll=0)
-        hot = PredictHotPath(
-            dispatcher, Authenticator({}), metrics, max_body=64 << 20, max_elements=1 << 24
-        )
+            models.create_model(name.lower(), spec)
+        plane = DataPlane(models, Authenticator({}), metrics, settings)
+        app = RestApp(plane, metrics, ready=lambda: True, version="bench")
+        server = http.HttpServer(app, http.Limits(max_body_bytes=settings.max_message_bytes))
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:  # never reached
-            raise AssertionError("a predict request left the hot path")
-
-        protocol_type = protocol_class(hot)
-        config = uvicorn.Config(
-            app, http=protocol_type, log_config=None, access_log=False, lifespan="off"
-        )
-        config.load()
-
-        def connect(state: Any) -> tuple[Any, Transport]:
-            protocol = protocol_type(config=config, server_state=state, app_state={})
+        def connect() -> tuple[Any, Transport]:
+            protocol = http.Connection(server)
             transport = Transport()
             protocol.connection_made(transport)
             return protocol, transport
 
-        alone_state, shared_state = ServerState(), ServerState()
-        connections = {"alone": connect(alone_state), "shared": connect(shared_state)}
-        connect(shared_state)  # a second connection, idle: requests wait for the next turn
+        connections = [connect() for _ in range(8)]
         payloads = bodies()
         x = np.frombuffer(base64.b64decode(json.loads(payloads["b64"])["inputs"]["b64"]), "<f4")
         x = x.reshape(1, 784)
 
-        async def run(model: str, kind: str, mode: str, n: int) -> float:
-            protocol, transport = connections[mode]
+        async def run(model: str, kind: str, together: int, n: int) -> float:
             data = request(model.lower(), payloads[kind])
             start = time.perf_counter()
-            for _ in range(n):
-                if mode == "alone":
-                    protocol.data_received(data)
-                else:
+            for _ in range(n // together):
+                for protocol, transport in connections[:together]:
                     transport.waiter = loop.create_future()
                     protocol.data_received(data)
+                for _, transport in connections[:together]:
+                    assert transport.waiter is not None
                     await transport.waiter
-            elapsed = (time.perf_counter() - start) / n
-            if not transport.last.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"unexpected answer: {transport.last[:200]!r}")
+            elapsed = (time.perf_counter() - start) / (n // together * together)
+            for _, transport in connections[:together]:
+                if not transport.last.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"unexpected answer: {transport.last[:200]!r}")
             return elapsed
 
         def forward_alone(model: str, n: int) -> float:
-            network = core._model(model.lower()).network
+            network = models._models[model.lower()].network
             start = time.perf_counter()
             for _ in range(n):
                 forward(network.spec, network.params, x)
             return (time.perf_counter() - start) / n
 
         cases = [
-            (model, kind, mode)
+            (model, kind, together)
             for model in MODELS
             for kind in ("b64", "json")
-            for mode in ("alone", "shared")
+            for together in (1, 8)
         ]
         samples: dict[Any, list[float]] = {case: [] for case in cases}
         forwards: dict[str, list[float]] = {m: [] for m in MODELS}
@@ -176,18 +164,18 @@ async def measure(rounds: int, block: int) -> list[dict[str, Any]]:
                 samples[case].append(await run(*case, block))
             for model in MODELS:
                 forwards[model].append(forward_alone(model, block))
-        dispatcher.close()
-        core.close()
+        plane.close()
+        models.close()
 
     results = []
-    for (model, kind, mode), times in samples.items():
+    for (model, kind, together), times in samples.items():
         path = statistics.median(times)
         fwd = statistics.median(forwards[model])
         results.append(
             {
                 "model": model,
                 "body": kind,
-                "connection": "only one" if mode == "alone" else "one of two",
+                "together": together,
                 "path_s": path,
                 "forward_s": fwd,
                 "stack_s": path - fwd,
@@ -218,14 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"numpy {info['numpy']}; one BLAS thread; medians of interleaved blocks")
     print("baseline: the engine's forward pass of the same row alone; stack = path - forward")
     header = (
-        f"{'model':<5} {'body':<5} {'connection':<11} {'path us':>8} {'forward us':>11} "
+        f"{'model':<5} {'body':<5} {'together':>8} {'us/request':>11} {'forward us':>11} "
         f"{'stack us':>9} {'path/forward':>13}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r['model']:<5} {r['body']:<5} {r['connection']:<11} {r['path_s'] * 1e6:>8.1f} "
+            f"{r['model']:<5} {r['body']:<5} {r['together']:>8} {r['path_s'] * 1e6:>11.1f} "
             f"{r['forward_s'] * 1e6:>11.1f} {r['stack_s'] * 1e6:>9.1f} {r['ratio']:>13.2f}"
         )
 

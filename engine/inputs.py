@@ -42,6 +42,22 @@ def _require_finite(x: NDArray[Any], what: str) -> None:
     raise InputError(f"{what} contain a non-finite value ({x[at]}) at index {at}")
 
 
+def _cast(x: NDArray[Any], name: str, what: str) -> NDArray[Any]:
+    """``x`` as dtype ``name``; a finite value beyond a narrower dtype's range is refused
+    (rather than becoming inf, with numpy's overflow warning)."""
+    dtype = np.dtype(name)
+    if x.dtype == dtype:
+        return x
+    if x.dtype.kind != "f" or x.dtype.itemsize <= dtype.itemsize:
+        return x.astype(dtype)
+    with np.errstate(over="ignore"):
+        cast = x.astype(dtype)
+    if not all_finite(cast) and all_finite(x):
+        largest = float(np.finfo(dtype).max)
+        raise InputError(f"{what} hold values beyond the range of {dtype} (±{largest:.4g})")
+    return cast
+
+
 def check_inputs(spec: ModelSpec, x: Any) -> NDArray[np.floating]:
     """x: (batch, input_dim), floating point, finite, batch >= 1. Returns x in spec.dtype."""
     if not isinstance(x, np.ndarray):
@@ -58,7 +74,7 @@ def check_inputs(spec: ModelSpec, x: Any) -> NDArray[np.floating]:
         raise InputError("inputs are an empty batch (0 rows)")
     if x.dtype.kind != "f":
         raise InputError(f"inputs must be floating point (float32 or float64), got {x.dtype}")
-    checked: NDArray[np.floating] = x.astype(spec.dtype, copy=False)
+    checked: NDArray[np.floating] = _cast(x, spec.dtype, "inputs")
     _require_finite(checked, "inputs")
     return checked
 
@@ -96,7 +112,7 @@ def check_targets(spec: ModelSpec, y: Any, batch: int) -> NDArray[Any]:
                 f"targets must be integer labels (batch,) or float class "
                 f"probabilities (batch, {outputs}), got {_describe(y)}"
             )
-        probabilities: NDArray[Any] = y.astype(spec.dtype, copy=False)
+        probabilities: NDArray[Any] = _cast(y, spec.dtype, "targets")
         _require_finite(probabilities, "targets")
         if (probabilities < 0).any():
             raise InputError("class probabilities must be non-negative")
@@ -107,7 +123,7 @@ def check_targets(spec: ModelSpec, y: Any, batch: int) -> NDArray[Any]:
         raise InputError(f"targets must have shape ({batch}, {outputs}), got {y.shape}")
     if y.dtype.kind not in "fiub":
         raise InputError(f"targets must be numeric, got {y.dtype}")
-    values: NDArray[Any] = y.astype(spec.dtype, copy=False)
+    values: NDArray[Any] = _cast(y, spec.dtype, "targets")
     _require_finite(values, "targets")
     if spec.loss == "binary_cross_entropy" and ((values < 0).any() or (values > 1).any()):
         raise InputError("binary cross-entropy targets must lie in [0, 1]")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -290,19 +290,12 @@ class Network:
         y: Any,
         *,
         lr: float | None = None,
-        on_start: Callable[[], object] | None = None,
     ) -> TrainResult:
         """Forward, loss, backward and one optimizer update on the batch (x, y).
 
         x: (batch, input_dim); y: see :func:`engine.inputs.check_targets`. ``lr`` overrides the
         spec's learning rate for this step. Raises InputError for bad input and DivergedError
         when the loss or the new parameters are not finite; either way nothing changes.
-
-        ``on_start`` is called once the inputs are accepted, right before the forward pass
-        (not at all for refused input). For a large batch its first matrix product runs a
-        millisecond or more without the GIL, so a caller that wakes another Python thread
-        from it gives that thread the GIL while the step does not need it (see
-        service.dispatch.Serial).
         """
         spec = self.spec
         x = check_inputs(spec, x)
@@ -317,8 +310,6 @@ class Network:
             raise InputError(f"learning rate must be a finite number >= 0, got {lr!r}")
         # NOTE: overflow and invalid operations are detected below from the loss and the new
         # parameters, and refused; numpy's warnings about them would only be noise.
-        if on_start is not None:
-            on_start()
         with self._lock, np.errstate(all="ignore"):
             params = self._params
             ws = self._workspace(x.shape[0])

@@ -18,7 +18,7 @@ def version() -> str:
         return "0+unknown"
 
 
-def _add_serve(sub: Any) -> None:
+def _add_serve(sub: Any, version: str) -> None:
     try:
         from propserve.service.cli import add_serve  # noqa: PLC0415 - the optional server
     except ImportError as exc:
@@ -35,7 +35,7 @@ def _add_serve(sub: Any) -> None:
         serve = sub.add_parser("serve", help="run the model server (needs propserve[server])")
         serve.set_defaults(handler=unavailable)
         return
-    add_serve(sub)
+    add_serve(sub, version)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve and train neural networks: 'propserve serve' runs the server, the "
         "other verbs talk to a running one.",
     )
-    parser.add_argument("--version", action="version", version=f"propserve {version()}")
+    installed = version()
+    parser.add_argument("--version", action="version", version=f"propserve {installed}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve(sub)
+    _add_serve(sub, installed)
     add_client_commands(sub)
     args = parser.parse_args(argv)
     handler: Any = args.handler

@@ -145,7 +145,10 @@ def name_problem(name: object, what: str = "model") -> str | None:
     # NOTE: fullmatch, not match: "$" would let a trailing newline through.
     if isinstance(name, str) and _NAME.fullmatch(name):
         return None
-    return f"invalid {what} name {name!r}: expected {NAME_PATTERN}"
+    return (
+        f"invalid {what} name {name!r:.80}: expected 1 to 64 characters from a-z, 0-9, '.', "
+        "'_' and '-', starting with a letter or digit"
+    )
 
 
 def valid_request_id(value: object) -> bool:
@@ -158,11 +161,10 @@ def source_problem(version: object, label: object) -> str | None:
     it names. Never both."""
     if version is not None and label is not None:
         return "give a version or a label, not both"
-    if version is not None:
-        if isinstance(version, bool) or not isinstance(version, int):
-            return f"version must be an integer, got {version!r}"
-        if not 1 <= version <= MAX_VERSION:
-            return f"version must be between 1 and {MAX_VERSION}, got {version}"
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION
+    ):
+        return f"invalid version {version!r:.40}: expected an integer from 1 to 2**63-1"
     if label is not None:
         return name_problem(label, "label")
     return None
@@ -182,10 +184,8 @@ def settings_problem(settings: dict[str, Any]) -> str | None:
         if key not in SETTINGS:
             return f"unknown setting {key!r}; settings are {', '.join(SETTINGS)}"
         low, high = SETTINGS[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"setting {key} must be an integer, got {value!r}"
-        if not low <= value <= high:
-            return f"setting {key} must be between {low} and {high:,}, got {value}"
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"invalid setting {key}={value!r:.40}: expected an integer in [{low}, {high}]"
     return None
 
 

@@ -72,13 +72,39 @@ class Settings(BaseSettings):
         "predictions); beyond, RESOURCE_EXHAUSTED / 429 (too busy).",
     )
     busy_poll_us: int = Field(
-        1000,
+        0,
         ge=0,
         le=1_000_000,
         description="After a prediction request, the event loop polls for the next one this "
         "many microseconds before it sleeps, unless worker threads are computing: a core "
-        "that sleeps loses its caches (costs up to this much CPU after the last request; "
-        "0: off).",
+        "that sleeps loses its caches. Costs up to this much CPU after each request, and "
+        "throughput when clients share the cores (0: off; see docs/operations.md).",
+    )
+    tune_heap: bool = Field(
+        True,
+        description="Tune the process's malloc (one arena, fixed thresholds) and hand freed "
+        "memory back after each burst of requests (glibc only; see docs/operations.md).",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Most open REST connections; beyond, new ones are closed at once (and logged).",
+    )
+    max_header_bytes: int = Field(
+        64 << 10,
+        ge=1024,
+        description="Largest REST request line and header block; beyond, 431 and the "
+        "connection is closed.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a REST client may take to send a request's line and headers.",
+    )
+    keep_alive_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds an idle REST keep-alive connection stays open.",
     )
     max_params: int = Field(50_000_000, ge=1, description="Most parameters in one model.")
     default_retain: int = Field(10, ge=1, description="Versions kept per model unless set.")
@@ -116,6 +142,11 @@ class Settings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         return self
+
+    @property
+    def max_elements(self) -> int:
+        """Elements of one tensor accepted: as many 4-byte numbers as a whole message holds."""
+        return max(self.max_message_bytes // 4, 1)
 
     @property
     def loopback_only(self) -> bool:

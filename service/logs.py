@@ -1,4 +1,13 @@
-"""Structured logs: one JSON object per line on stderr."""
+"""Structured logs: one JSON object per line on stderr.
+
+Our log calls name an event and pass their fields as data, never inside the text::
+
+    log.info("model.saved", extra={"model": name, "version": 3})
+
+gives ``{"ts", "level", "logger", "event": "model.saved", "model": ..., "version": 3}``.
+A field can never replace ``ts``, ``level``, ``logger``, ``event`` or ``exc``, whatever a
+client managed to put into it. Lines from other libraries keep their text in ``message``.
+"""
 
 from __future__ import annotations
 
@@ -8,44 +17,59 @@ import random
 import sys
 import time
 
+from propserve import wire
+
+#: Keys of every line, which no field may take.
+RESERVED = frozenset({"ts", "level", "logger", "event", "message", "exc"})
+#: A LogRecord's own attributes: anything else on a record came as a field (``extra=``).
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+}
+
 
 class JsonFormatter(logging.Formatter):
-    """{"ts", "level", "logger", "event", ...}: the message's first word is the event name and
-    its ``key=value`` pairs become fields; a traceback goes in "exc"."""
+    """{"ts", "level", "logger", "event", ...fields, "exc"?}."""
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        event, _, rest = message.partition(" ")
         entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": event,
         }
-        for part in rest.split(" "):
-            key, sep, value = part.partition("=")
-            if sep and key.isidentifier():
-                entry[key] = value.strip("'\"")
-            elif part:
-                entry.setdefault("text", "")
-                entry["text"] = f"{entry['text']} {part}".strip()
+        fields = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRIBUTES}
+        if fields or (isinstance(record.msg, str) and not record.args and _is_event(record.msg)):
+            entry["event"] = str(record.msg)
+        else:  # another library's line: its text, whole
+            entry["event"] = "log"
+            entry["message"] = record.getMessage()
+        for key, value in fields.items():
+            entry[key if key not in RESERVED else f"field_{key}"] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
+def _is_event(text: str) -> bool:
+    """Whether ``text`` is an event name like ``server.ready``: one dotted word."""
+    return bool(text) and "." in text and all(part.isidentifier() for part in text.split("."))
+
+
 def configure(level: str = "info") -> None:
+    """JSON lines on stderr for every logger, Python's warnings included."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
 
 
-def new_request_id() -> str:
-    """16 hex digits. NOTE: ids only need to be unique enough to find a request in the logs;
-    os.urandom would cost a system call per request."""
+def request_id(given: str | None) -> str:
+    """The client's request id when it follows the wire's rule (wire.REQUEST_ID_PATTERN),
+    else a fresh one: 16 hex digits. NOTE: ids only need to be unique enough to find a
+    request in the logs; os.urandom would cost a system call per request."""
+    if given is not None and wire.valid_request_id(given):
+        return given
     return f"{random.getrandbits(64):016x}"

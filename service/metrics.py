@@ -2,9 +2,9 @@
 
 The four families touched by every prediction (requests, request latency, rows predicted,
 rows per forward pass) are plain numbers here, rendered at scrape time: prometheus_client's
-Counter and Histogram cost ~8 us per single-row prediction between them (locks, checks, and a
-histogram's linear walk over its buckets in Python), measured against ~120 us for the whole
-request's handling. The rest, updated once per training step or save, use prometheus_client.
+Counter and Histogram cost a noticeable share of a single-row prediction (locks, checks, and
+a histogram's linear walk over its buckets in Python; see docs/performance.md#metrics). The
+rest, updated once per training step or save, use prometheus_client.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class Metrics:
             "propserve_model_last_loss", "Loss of the last training step.", ["model"], registry=r
         )
         #: API requests answered, on both transports (a cheap sign of activity); scrapes,
-        #: health probes and other paths ("other") are not a burst to trim memory after.
+        #: health probes and other paths are not a burst to trim memory after.
         self.answered = 0
         self.heap_trims = Counter(
             "propserve_heap_trims",
@@ -201,10 +201,14 @@ class Metrics:
         """For ``gc.callbacks``: times each run of the cyclic garbage collector."""
         self._gc.callback(phase, info)
 
-    def observe(self, method: str, transport: str, code: str, seconds: float) -> None:
+    def observe(
+        self, method: str, transport: str, code: str, seconds: float, *, api: bool = True
+    ) -> None:
+        """A request answered; ``api``: a call of the API (not a probe, a scrape, the
+        documentation or an unknown path), which counts in ``answered``."""
         hot = self._hot
         with hot.lock:
-            if method != "other":
+            if api:
                 self.answered += 1
             key = (method, transport, code)
             hot.requests[key] = hot.requests.get(key, 0) + 1
@@ -222,12 +226,6 @@ class Metrics:
             if histogram is None:
                 histogram = hot.batch_rows[model] = _Histogram(BATCH_ROWS_BUCKETS)
             histogram.observe(batch_rows)
-
-    def passes(self, model: str) -> tuple[int, int]:
-        """(forward passes, rows computed) for ``model``'s predictions so far."""
-        with self._hot.lock:
-            histogram = self._hot.batch_rows.get(model)
-            return (sum(histogram.counts), int(histogram.total)) if histogram else (0, 0)
 
     def forget_model(self, name: str) -> None:
         with self._hot.lock:

@@ -18,20 +18,18 @@ import numpy as np
 import pybase64
 from numpy.typing import NDArray
 
+from propserve import wire
 from propserve.service.errors import InvalidArgument, ResourceExhausted
 
 #: Wire dtype names and the little-endian numpy dtypes they denote.
-DTYPES: dict[str, np.dtype[Any]] = {
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-}
-MAX_RANK = 8
+DTYPES: dict[str, np.dtype[Any]] = {name: np.dtype(code) for name, code in wire.DTYPES.items()}
+MAX_RANK = wire.MAX_RANK
 
 
 def check_shape(shape: Any, max_elements: int) -> tuple[int, ...]:
-    """A shape as a tuple of non-negative ints with at most ``max_elements`` elements."""
+    """A shape as a tuple of non-negative ints whose product is at most ``max_elements``
+    (ResourceExhausted beyond), and so is each dimension: a huge dimension beside a zero
+    describes no data any tensor needs (InvalidArgument, naming it)."""
     if not isinstance(shape, list | tuple) or len(shape) > MAX_RANK:
         raise InvalidArgument(f"shape must be a list of at most {MAX_RANK} dimensions")
     dims = []
@@ -44,6 +42,12 @@ def check_shape(shape: Any, max_elements: int) -> tuple[int, ...]:
         raise ResourceExhausted(
             f"tensor of shape {dims} has {count:,} elements; the limit is {max_elements:,}"
         )
+    for index, dim in enumerate(dims):
+        if dim > max_elements:
+            raise InvalidArgument(
+                f"dimension {index} of shape {dims} is {dim:,}; no dimension may exceed "
+                f"{max_elements:,}"
+            )
     return tuple(dims)
 
 
@@ -85,10 +89,9 @@ def to_bytes(array: NDArray[Any]) -> tuple[list[int], str, bytes]:
 
 def from_base64(shape: Any, dtype: Any, data: Any, max_elements: int) -> NDArray[Any]:
     """An array from base64 text of its little-endian, row-major bytes: JSON's way to carry
-    the bytes gRPC carries raw (a 256x784 float32 tensor: ~0.05 ms to decode with pybase64,
-    ~2.5 ms with the standard library's binascii, ~17 ms to parse it written out as numbers).
-    Only the strict alphabet with its padding is accepted: no whitespace, no URL-safe
-    characters."""
+    the bytes gRPC carries raw, far cheaper to decode than numbers written out (see
+    docs/performance.md#json-numbers). Only the strict alphabet with its padding is accepted:
+    no whitespace, no URL-safe characters."""
     if not isinstance(dtype, str):
         raise InvalidArgument(
             f"a base64 tensor needs its dtype ({', '.join(DTYPES)}), got {dtype!r}"
@@ -111,7 +114,7 @@ def _check_size(array: NDArray[Any], max_elements: int) -> None:
 
 
 def from_matrix(array: NDArray[np.float64], dtype: str, max_elements: int) -> NDArray[Any]:
-    """A (rows, columns) float64 array of JSON numbers read by service.jsonnumbers, as a
+    """A (rows, columns) float64 array of JSON numbers read by rest.jsonnumbers, as a
     float ``dtype``, under the same element limit as :func:`from_json`. (JSON's integer and
     fraction kinds are gone by then, so integer dtypes take from_json's path.)"""
     if dtype not in ("float32", "float64"):

@@ -442,35 +442,6 @@ class ModelStore:
             record, _ = self._read_model(name)
             return record
 
-    def resolve(self, name: str, *, version: int | None = None, label: str | None = None) -> int:
-        """The version number that `version` or `label` names (at most one of them); with
-        neither, the latest verified version. NotFound if there is none."""
-        self._check_open()
-        name = check_name(name)
-        if version is not None and label is not None:
-            raise InvalidArgument("give a version or a label, not both")
-        if version is not None:
-            self._read_meta(name, check_version(version))
-            return version
-        if label is not None:
-            label = check_name(label, "label")
-            record, _ = self._read_model(name)
-            if label not in record.labels:
-                raise NotFound(f"label {label!r} of model {name!r} not found")
-            target = record.labels[label]
-            try:
-                self._read_meta(name, target)
-            except NotFound:
-                raise NotFound(
-                    f"label {label!r} of model {name!r} names version {target},"
-                    " which no longer exists"
-                ) from None
-            return target
-        latest = self.latest_version(name)
-        if latest is None:
-            raise NotFound(f"model {name!r} has no saved version that verifies")
-        return latest.version
-
     # --- internals --------------------------------------------------------------------
 
     def _read_model_doc(self, name: str) -> dict[str, Any]:

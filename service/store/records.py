@@ -9,27 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from propserve import wire
 from propserve.service.errors import DataLoss, InvalidArgument, ResourceExhausted
 
-NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
-_NAME_RE = re.compile(NAME_PATTERN)
-
-# Version numbers travel as int64 on the wire.
-MAX_VERSION = 2**63 - 1
+NAME_PATTERN = wire.NAME_PATTERN
+MAX_VERSION = wire.MAX_VERSION
 MAX_STEP = 2**63 - 1
 
-DEFAULT_RETAIN = 10
-DEFAULT_SETTINGS: dict[str, int] = {"retain": DEFAULT_RETAIN, "autosave_every": 0}
-# Inclusive bounds of each setting; a setting not listed here is refused.
-SETTING_BOUNDS: dict[str, tuple[int, int]] = {
-    "retain": (1, 1_000_000),
-    "autosave_every": (0, 10**12),
-}
+#: Settings of a model created without them (the server passes its own defaults).
+DEFAULT_SETTINGS: dict[str, int] = {"retain": 10, "autosave_every": 0}
 
 DEFAULT_MAX_METADATA_BYTES = 1 << 20
 FORMAT = 1
@@ -64,24 +56,26 @@ class VersionMeta:
     spec: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def check_name(value: object, what: str = "model name") -> str:
-    """Return `value` if it is a valid model name or label, else raise InvalidArgument.
+def check_name(value: object, what: str = "model") -> str:
+    """Return `value` if it is a valid model name or label (wire.NAME_PATTERN), else raise
+    InvalidArgument.
 
     The pattern cannot produce "", ".", "..", a slash, a NUL or a leading dot, so a valid
     name is always exactly one path component that cannot collide with the store's own
-    dot-files. `fullmatch` (not `match` with `$`) so that a trailing newline is refused."""
-    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
-        raise InvalidArgument(
-            f"invalid {what} {value!r:.80}: expected 1 to 64 characters from a-z, 0-9, '.',"
-            " '_' and '-', starting with a letter or digit"
-        )
+    dot-files."""
+    problem = wire.name_problem(value, what)
+    if problem:
+        raise InvalidArgument(problem)
+    assert isinstance(value, str)
     return value
 
 
 def check_version(value: object) -> int:
     """Return `value` if it is a possible version number (an int in 1..2**63-1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
-        raise InvalidArgument(f"invalid version {value!r:.40}: expected an integer >= 1")
+    problem = wire.source_problem(value, None)
+    if problem:
+        raise InvalidArgument(problem)
+    assert isinstance(value, int)
     return value
 
 
@@ -92,26 +86,17 @@ def check_step(value: object) -> int:
 
 
 def check_settings(settings: object, base: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge `settings` over `base` after checking every key and value.
+    """Merge `settings` over `base` after checking every key and value (wire.SETTINGS).
 
     Unknown keys are refused (a typo must not silently keep the default)."""
     if settings is None:
         return dict(base)
     if not isinstance(settings, Mapping):
         raise InvalidArgument("settings must be a mapping of setting name to value")
-    merged = dict(base)
-    for key, value in settings.items():
-        bounds = SETTING_BOUNDS.get(key) if isinstance(key, str) else None
-        if bounds is None:
-            known = ", ".join(sorted(SETTING_BOUNDS))
-            raise InvalidArgument(f"unknown setting {key!r:.80}; known settings: {known}")
-        low, high = bounds
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise InvalidArgument(
-                f"invalid setting {key}={value!r:.40}: expected an integer in [{low}, {high}]"
-            )
-        merged[key] = value
-    return merged
+    problem = wire.settings_problem(dict(settings))
+    if problem:
+        raise InvalidArgument(problem)
+    return dict(base) | dict(settings)
 
 
 def check_metrics(metrics: object) -> dict[str, float]:
@@ -185,7 +170,7 @@ def model_from_doc(doc: Mapping[str, Any], name: str, where: str) -> tuple[Model
         raise DataLoss(f"{where}: names model {doc.get('name')!r:.80}, expected {name!r}")
     labels = _get(doc, "labels", dict, where)
     for label, version in labels.items():
-        if _NAME_RE.fullmatch(label) is None or isinstance(version, bool):
+        if wire.name_problem(label) is not None or isinstance(version, bool):
             raise DataLoss(f"{where}: malformed label {label!r:.80}")
         if not isinstance(version, int) or version < 1:
             raise DataLoss(f"{where}: label {label!r} names a malformed version")

@@ -497,7 +497,7 @@ def test_rest_non_finite_spec_values(wire: Wire, value: bytes) -> None:
     ("body", "message"),
     [
         ([1, 2, 3], "must be a JSON object"),
-        ({}, "needs 'inputs'"),
+        ({}, "missing field(s) ['inputs']"),
         ({"inputs": [[1.0, 2.0, 3.0]], "extra": 1}, "unknown field"),
         ({"inputs": [[1.0, 2.0, 3.0], [4.0, 5.0]]}, "rectangular"),
         ({"inputs": [["a", "b", "c"]]}, "numbers"),
@@ -512,9 +512,12 @@ def test_rest_non_finite_spec_values(wire: Wire, value: bytes) -> None:
         ({"inputs": {"data": [1, 2, 3], "shape": "1x3"}}, "shape"),
         ({"inputs": {"data": [1, 2, 3]}}, "{data, shape"),
         ({"inputs": {"data": [1, 2, 3], "shape": [1, 3], "order": "C"}}, "{data, shape"),
-        ({"inputs": [[1.0, 2.0, 3.0]], "version": "1"}, "version must be an integer"),
-        ({"inputs": [[1.0, 2.0, 3.0]], "version": True}, "version must be an integer"),
-        ({"inputs": [[1.0, 2.0, 3.0]], "label": 5}, "label must be a string"),
+        ({"inputs": [[1.0, 2.0, 3.0]], "version": "1"}, "invalid version '1'"),
+        ({"inputs": [[1.0, 2.0, 3.0]], "version": True}, "invalid version True"),
+        ({"inputs": [[1.0, 2.0, 3.0]], "version": 4.0}, "invalid version 4.0"),
+        ({"inputs": [[1.0, 2.0, 3.0]], "version": None}, "version must not be null"),
+        ({"inputs": [[1.0, 2.0, 3.0]], "label": None}, "label must not be null"),
+        ({"inputs": [[1.0, 2.0, 3.0]], "label": 5}, "invalid label name 5"),
         ({"inputs": {"b64": "AAAA", "shape": [1, 3], "dtype": "float32"}}, "has 3 bytes"),
         ({"inputs": {"b64": "AA!A", "shape": [1, 1], "dtype": "float32"}}, "not valid base64"),
         ({"inputs": {"b64": "AAAA", "shape": [1, 1]}}, "{b64, shape, dtype}"),
@@ -541,7 +544,8 @@ def test_rest_bad_predict_bodies(wire: Wire, body: Any, message: str) -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"inputs": [[1.0, 2.0, 3.0]]}, "needs 'inputs' and 'targets'"),
+        ({"inputs": [[1.0, 2.0, 3.0]]}, "missing field(s) ['targets']"),
+        ({"inputs": [[1.0, 2.0, 3.0]], "targets": [[1.0, 2.0]], "learning_rate": None}, "null"),
         ({"inputs": [[1.0, 2.0, 3.0]], "targets": [[1.0, 2.0]], "lr": 0.1}, "unknown field"),
         ({"inputs": [[1.0, 2.0, 3.0]], "targets": [[1.0, 2.0]], "learning_rate": "fast"}, "number"),
         ({"inputs": [[1.0, 2.0, 3.0]], "targets": [[1.0, 2.0]], "learning_rate": True}, "number"),
@@ -1119,14 +1123,16 @@ def in_process_failures(tmp_path: Path, prepare: Any) -> tuple[Failure, Failure,
     loopback) against a core that ``prepare(core)`` has set up to fail; returns both
     failures and the captured log."""
     from propserve.service.auth import Authenticator  # noqa: PLC0415 - only here
-    from propserve.service.core import Core  # noqa: PLC0415
-    from propserve.service.dispatch import Dispatcher  # noqa: PLC0415
-    from propserve.service.grpc_api import ModelServiceAdapter, build_server  # noqa: PLC0415
-    from propserve.service.rest_api import create_app  # noqa: PLC0415
+    from propserve.service.config import Settings  # noqa: PLC0415
+    from propserve.service.dataplane import DataPlane  # noqa: PLC0415
+    from propserve.service.grpc.server import add_services, new_server  # noqa: PLC0415
+    from propserve.service.grpc.servicer import ModelService  # noqa: PLC0415
+    from propserve.service.models import Models  # noqa: PLC0415
+    from propserve.service.rest.app import RestApp  # noqa: PLC0415
     from propserve.service.store import ModelStore  # noqa: PLC0415
 
-    core = Core(ModelStore(tmp_path / "store"))
-    dispatcher = Dispatcher(core)
+    settings = Settings(store=tmp_path / "store", max_message_bytes=1 << 18)
+    core = Models(ModelStore(settings.store), settings)
     records: list[logging.LogRecord] = []
 
     class Capture(logging.Handler):
@@ -1139,14 +1145,8 @@ def in_process_failures(tmp_path: Path, prepare: Any) -> tuple[Failure, Failure,
         core.create_model("m", MSE_SPEC)
         prepare(core)
         auth = Authenticator({})
-        app = create_app(
-            dispatcher,
-            auth,
-            core.metrics,
-            max_body=1 << 20,
-            max_elements=1 << 16,
-            ready=lambda: False,
-        )
+        plane = DataPlane(core, auth, core.metrics, settings)
+        app = RestApp(plane, core.metrics, ready=lambda: False, version="test")
 
         async def call_rest() -> Failure:
             transport = httpx.ASGITransport(app=app)
@@ -1162,8 +1162,8 @@ def in_process_failures(tmp_path: Path, prepare: Any) -> tuple[Failure, Failure,
         rest = asyncio.run(call_rest())
 
         async def call_grpc() -> Failure:
-            adapter = ModelServiceAdapter(dispatcher, auth, core.metrics, 1 << 16)
-            server, _ = build_server(adapter, max_message_bytes=1 << 20)
+            server = new_server(max_message_bytes=1 << 20)
+            add_services(server, ModelService(plane))
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
             try:
@@ -1185,7 +1185,7 @@ def in_process_failures(tmp_path: Path, prepare: Any) -> tuple[Failure, Failure,
         )
     finally:
         logging.getLogger("propserve").removeHandler(handler)
-        dispatcher.close()
+        plane.close()
         core.close()
 
 

@@ -99,5 +99,5 @@ def test_a_misspelt_variable_is_logged(tmp_path: Path) -> None:
         for line in server.log().splitlines()
         if '"config.unknown_variable"' in line
     ]
-    assert [w["name"] for w in warnings] == ["PROPSERVE_GRACE_SECNODS"]
+    assert [w["variable"] for w in warnings] == ["PROPSERVE_GRACE_SECNODS"]
     assert warnings[0]["level"] == "warning"

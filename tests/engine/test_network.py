@@ -269,35 +269,6 @@ def test_bad_input_raises_and_changes_nothing(x: Any, y: Any, message: str) -> N
             net.forward(x)
 
 
-def test_on_start_is_called_once_before_the_step_changes_anything() -> None:
-    net = classifier()
-    rng = np.random.default_rng(0)
-    net.train_step(*batch(rng))
-    before = net.to_bytes()
-    calls: list[tuple[int, bool]] = []
-    x, y = batch(rng)
-    net.train_step(x, y, on_start=lambda: calls.append((net.step, net.to_bytes() == before)))
-    assert calls == [(1, True)]  # the step had not begun: step 1, parameters unchanged
-    assert net.step == 2
-
-
-@pytest.mark.parametrize("refused", ["inputs", "targets", "learning rate"])
-def test_on_start_is_not_called_for_refused_input(refused: str) -> None:
-    net = classifier()
-    x, y = batch(np.random.default_rng(0))
-    lr = None
-    if refused == "inputs":
-        x = x[:, :3]
-    elif refused == "targets":
-        y = y[:1]
-    else:
-        lr = -1.0
-    calls: list[int] = []
-    with pytest.raises(InputError):
-        net.train_step(x, y, lr=lr, on_start=lambda: calls.append(1))
-    assert calls == []
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1,), (7,), (1, 784), (3, 17), (2, 3, 5)])
 def test_all_finite_finds_every_non_finite_entry(dtype: Any, shape: tuple[int, ...]) -> None:
@@ -430,3 +401,22 @@ def test_concurrent_readers_never_see_a_mix_of_two_steps() -> None:
     assert len(steps) > 10
     for step, output in seen:
         assert np.array_equal(output, forward(net.spec, published[step], probe)), step
+
+
+@pytest.mark.parametrize("where", ["inputs", "targets"])
+def test_values_beyond_float32_are_refused_without_a_warning(where: str) -> None:
+    spec = ModelSpec.from_dict(
+        {"input_dim": 3, "layers": [{"units": 2}], "loss": "mse", "dtype": "float32"}
+    )
+    net = Network(spec)
+    x = np.ones((2, 3))
+    y = np.ones((2, 2))
+    (x if where == "inputs" else y)[1, 1] = 1e300
+    before = net.to_bytes()
+    # pytest's warnings-as-errors setting turns numpy's overflow warning into a failure here.
+    with pytest.raises(InputError, match=f"{where} hold values beyond the range of float32"):
+        net.train_step(x, y)
+    assert net.to_bytes() == before
+    if where == "inputs":
+        with pytest.raises(InputError, match="beyond the range of float32"):
+            net.forward(x)

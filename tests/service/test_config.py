@@ -142,18 +142,6 @@ def test_exposure_beyond_loopback_needs_tokens_or_insecure() -> None:
     _check_exposure(Settings(), Authenticator({}))
 
 
-def test_dispatch_defaults_are_stated_once_in_value() -> None:
-    # NOTE: service.config restates the dispatcher's defaults rather than importing
-    # service.dispatch (which would load numpy and the core with every settings read).
-    from propserve.service import dispatch  # noqa: PLC0415
-
-    settings = Settings()
-    assert settings.batch_rows == dispatch.DEFAULT_BATCH_ROWS
-    assert settings.max_queued_rows == dispatch.DEFAULT_QUEUED_ROWS
-    assert settings.max_pending_calls == dispatch.DEFAULT_PENDING_CALLS
-    assert settings.busy_poll_us / 1e6 == dispatch.DEFAULT_BUSY_POLL
-
-
 def test_unknown_variables_are_the_prefixed_names_of_no_setting() -> None:
     environ = {
         "PROPSERVE_REST_PORT": "1",

@@ -14,8 +14,9 @@ import simdjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from propserve.service import errors, jsonnumbers
-from propserve.service.rest_api import json_object, predict_request
+from propserve.service import errors
+from propserve.service.rest import jsonnumbers
+from propserve.service.rest.bodies import json_object, predict_request
 from propserve.service.tensors import from_matrix
 
 LIMIT = 10_000

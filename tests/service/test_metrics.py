@@ -12,6 +12,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from propserve.service.metrics import BATCH_ROWS_BUCKETS, LATENCY_BUCKETS, Metrics
+from tests.service.test_dataplane import passes
 
 OBSERVATIONS = 400
 
@@ -86,10 +87,10 @@ def test_hot_families_render_as_prometheus_client_would() -> None:
     assert ours == lines(reference(seen), names)
     assert len(ours) > 100
     assert metrics.answered == OBSERVATIONS
-    count, rows = metrics.passes("a")
+    count, total_rows = passes(metrics, "a")
     assert count == sum(1 for s in seen if s[4] == "a")
-    assert rows == sum(s[6] for s in seen if s[4] == "a")
-    assert metrics.passes("b") == (0, 0)
+    assert total_rows == sum(s[6] for s in seen if s[4] == "a")
+    assert passes(metrics, "b") == (0, 0)
 
 
 def test_updates_from_many_threads_are_all_counted() -> None:
@@ -105,7 +106,7 @@ def test_updates_from_many_threads_are_all_counted() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert metrics.passes("a") == (8000, 8000)
+    assert passes(metrics, "a") == (8000, 8000)
     assert metrics.answered == 8000
     assert 'propserve_requests_total{code="OK",method="Predict",transport="grpc"} 8000.0' in (
         metrics.render().decode()
@@ -114,11 +115,12 @@ def test_updates_from_many_threads_are_all_counted() -> None:
 
 def test_scrapes_and_probes_are_not_activity() -> None:
     metrics = Metrics()
-    metrics.observe("other", "rest", "200", 0.001)  # /metrics, /healthz, unknown paths
+    metrics.observe("Metrics", "rest", "ok", 0.001, api=False)  # scrapes, probes, docs
+    metrics.observe("other", "rest", "not_found", 0.001, api=False)  # unknown paths
     assert metrics.answered == 0
-    metrics.observe("ListModels", "rest", "200", 0.001)
+    metrics.observe("ListModels", "rest", "ok", 0.001)
     assert metrics.answered == 1
-    assert 'propserve_requests_total{code="200",method="other",transport="rest"} 1.0' in (
+    assert 'propserve_requests_total{code="ok",method="Metrics",transport="rest"} 1.0' in (
         metrics.render().decode()
     )
     assert "propserve_heap_trims_total 0.0" in metrics.render().decode()

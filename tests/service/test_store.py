@@ -157,23 +157,17 @@ def test_numbers_are_never_reused(store: ModelStore, root: Path) -> None:
 # --- labels and retention -------------------------------------------------------------
 
 
-def test_labels_set_move_remove_resolve(store: ModelStore) -> None:
+def test_labels_set_move_remove(store: ModelStore) -> None:
     store.create_model("m", SPEC, None)
     for step in range(3):
         store.save_version("m", state(step), step=step)
     assert store.set_label("m", "stable", 1).labels == {"stable": 1}
     store.set_label("m", "canary", 3)
     assert store.set_label("m", "stable", 2).labels == {"stable": 2, "canary": 3}
-    assert store.resolve("m", label="stable") == 2
-    assert store.resolve("m", version=1) == 1
-    assert store.resolve("m") == 3
+    assert store.get_model("m").labels == {"stable": 2, "canary": 3}
     assert store.remove_label("m", "canary").labels == {"stable": 2}
     with pytest.raises(NotFound, match="canary"):
-        store.resolve("m", label="canary")
-    with pytest.raises(NotFound, match="canary"):
         store.remove_label("m", "canary")
-    with pytest.raises(InvalidArgument):
-        store.resolve("m", version=1, label="stable")
 
 
 def test_label_on_missing_version_is_refused(store: ModelStore, root: Path) -> None:
@@ -221,8 +215,6 @@ def test_bad_names_are_refused_and_change_nothing(store: ModelStore, root: Path,
         lambda: store.set_label("m", bad, 1),
         lambda: store.remove_label("m", bad),
     ]
-    if bad is not None:  # resolve(label=None) means "the latest"
-        calls.append(lambda: store.resolve("m", label=bad))
     for call in calls:
         with pytest.raises(InvalidArgument):
             call()
@@ -276,8 +268,6 @@ def test_unknown_things_are_not_found(store: ModelStore) -> None:
     store.create_model("m", SPEC, None)
     with pytest.raises(NotFound, match="version 1 of model 'm'"):
         store.load_version("m", 1)
-    with pytest.raises(NotFound):
-        store.resolve("m")
     assert store.latest_version("m") is None
 
 
@@ -343,7 +333,7 @@ def test_tampered_weights_are_never_served(store: ModelStore, root: Path) -> Non
         store.load_version("m", 2)
     latest = store.latest_version("m")
     assert latest is not None and latest.version == 1
-    assert store.resolve("m") == 1
+    assert store.latest_version("m").version == 1  # type: ignore[union-attr]
     assert numbers(store) == [1, 2]  # reported, not hidden from the listing
 
 
@@ -358,7 +348,7 @@ def test_truncated_weights_and_bad_meta_are_data_loss(store: ModelStore, root: P
     with pytest.raises(DataLoss, match="'m' version 2"):
         store.load_version("m", 2)
     assert numbers(store) == [1, 3]
-    assert store.resolve("m") == 1
+    assert store.latest_version("m").version == 1  # type: ignore[union-attr]
 
 
 def test_latest_caches_verdicts_by_file_identity(
@@ -425,7 +415,7 @@ def test_reader_follows_the_writer(store: ModelStore, root: Path) -> None:
     store.save_version("m", state(1), step=1)
     assert numbers(reader) == [1]
     store.set_label("m", "stable", 1)
-    assert reader.resolve("m", label="stable") == 1
+    assert reader.get_model("m").labels == {"stable": 1}
 
 
 def test_one_writer_per_store(store: ModelStore, root: Path) -> None:

@@ -75,7 +75,7 @@ for _ in range(1_000_000):
         if pick < 0.4:
             version = listing[-1].version
         elif pick < 0.7:
-            version = store.resolve("m", label="stable")
+            version = store.get_model("m").labels.get("stable") or listing[-1].version
         elif pick < 0.8:
             version = store.latest_version("m").version
         else:

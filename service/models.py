@@ -1,11 +1,12 @@
 """The transport-free core: models, their live heads, versions, training and prediction.
 
-Both adapters (gRPC and REST) call these methods and nothing else; the core speaks numpy
-arrays and plain data, raises the typed errors of service.errors, and knows no transport.
+The data plane (propserve.service.dataplane) calls these methods and the adapters call the
+data plane; the core speaks numpy arrays and the wire's records, raises the typed errors of
+propserve.service.errors, and knows no transport, event loop or thread pool.
 
 Concurrency
 -----------
-Methods are synchronous and thread-safe; the adapters run heavy ones in worker threads.
+Methods are synchronous and thread-safe; the data plane runs heavy ones in worker threads.
 Each model has a head (an engine Network) and a writer lock. Training steps, saves,
 rollbacks and label moves on one model take its lock, so they are serialised; different
 models never contend. Predictions take no lock: they read the head's current immutable
@@ -18,14 +19,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from propserve import wire
 from propserve.engine import (
     DivergedError,
     EngineError,
@@ -39,6 +40,7 @@ from propserve.engine import (
     check_inputs,
     forward,
 )
+from propserve.service.config import Settings
 from propserve.service.errors import (
     DataLoss,
     FailedPrecondition,
@@ -50,49 +52,15 @@ from propserve.service.errors import (
 from propserve.service.metrics import Metrics
 from propserve.service.store import ModelRecord, ModelStore, VersionMeta
 from propserve.service.store.records import check_name
+from propserve.service.versioncache import VersionCache
 
-log = logging.getLogger("propserve.core")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request or model may ask for."""
-
-    max_rows: int = 65536
-    max_params: int = 50_000_000
-    max_elements: int = 1 << 26
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    spec: dict[str, Any]
-    settings: dict[str, Any]
-    labels: dict[str, int]
-    head_step: int
-    latest_version: int | None
-    unsaved_steps: int
-    parameter_count: int
-    created_at: float
-    last_loss: float | None
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    model: str
-    version: int
-    step: int
-    created_at: float
-    parent: int | None
-    metrics: dict[str, float]
-    sha256: str
-    size_bytes: int
-    labels: tuple[str, ...]
+log = logging.getLogger("propserve.models")
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """Outputs (batch, outputs), the version that answered (None: the head) and its step."""
+    """Outputs (batch, outputs), the saved version that answered (None: the head) and the
+    training step of its weights."""
 
     outputs: NDArray[Any]
     version: int | None
@@ -101,37 +69,43 @@ class Prediction:
 
 @dataclass(frozen=True)
 class PredictQuery:
-    """One validated prediction request (see :meth:`Core.prepare_predict`): the model, the
+    """One validated prediction request (see :meth:`Models.prepare_predict`): the model, the
     version asked for (None: the head), the inputs in the model's dtype and, for a version,
-    its weights. Queries with the same ``key`` can share a forward pass."""
+    its weights when they are in memory. Queries with the same ``key`` can share a forward
+    pass."""
 
-    model: _Model
+    model: LiveModel
     version: int | None
     x: NDArray[Any]
     weights: tuple[ModelSpec, Params] | None
-    ready: bool = True
 
     @property
-    def key(self) -> tuple[_Model, int | None]:
+    def weights_loaded(self) -> bool:
+        """False for a saved version whose weights must be read from disk first."""
+        return self.version is None or self.weights is not None
+
+    @property
+    def key(self) -> tuple[LiveModel, int | None]:
         return (self.model, self.version)
 
     @property
     def rows(self) -> int:
         return len(self.x)
 
-
-@dataclass(frozen=True)
-class StepOutcome:
-    step: int
-    loss: float
-    accuracy: float | None
-    batch_size: int
-    saved_version: int | None
+    @property
+    def multiply_adds(self) -> int:
+        """The forward pass's size: rows x parameters."""
+        return self.rows * self.model.spec.n_params
 
 
-class _Model:
+class LiveModel:
     """A model's live state in the server. Fields other than ``network`` change only under
-    ``lock``; ``network`` is replaced (never mutated) by a rollback."""
+    ``lock``; ``network`` is replaced (never mutated) by a rollback.
+
+    ``latest`` is the newest saved version; ``parent`` the version the head descends from
+    (what the next save records); ``unsaved`` the steps since the head was saved or loaded.
+    After a rollback to an older version the head differs from ``latest`` without unsaved
+    steps: ``detached`` says so, and shutdown saves it so that a restart resumes there."""
 
     def __init__(
         self,
@@ -148,19 +122,17 @@ class _Model:
         self.latest = parent
         self.last_loss = last_loss
         self.unsaved = 0
-        # True when the head differs from the newest saved version without unsaved steps
-        # (after a rollback to an older version): shutdown saves it so a restart resumes here.
+        self.unsaved_loss_sum = 0.0
         self.detached = False
         self.deleted = False
         self.lock = threading.Lock()
 
 
-def _engine_error(exc: EngineError, what: str = "") -> Exception:
+def to_service_error(exc: EngineError, what: str = "") -> Exception:
+    """The service's error for an engine's."""
     prefix = f"{what}: " if what else ""
     if isinstance(exc, SpecError):
         return InvalidArgument(f"invalid spec: {exc}")
-    if isinstance(exc, InputError):
-        return InvalidArgument(f"{prefix}{exc}")
     if isinstance(exc, DivergedError):
         return FailedPrecondition(f"{prefix}{exc}")
     if isinstance(exc, StateError):
@@ -168,32 +140,29 @@ def _engine_error(exc: EngineError, what: str = "") -> Exception:
     return InvalidArgument(f"{prefix}{exc}")
 
 
-class Core:
+def _last_loss(metrics: Mapping[str, float]) -> float | None:
+    # Versions saved before "last_loss" was named recorded the same value as "loss".
+    return metrics.get("last_loss", metrics.get("loss"))
+
+
+class Models:
     """Models served and trained by this server, over one model store."""
 
     def __init__(
-        self,
-        store: ModelStore,
-        *,
-        limits: Limits | None = None,
-        metrics: Metrics | None = None,
-        default_settings: Mapping[str, int] | None = None,
-        version_cache: int = 8,
+        self, store: ModelStore, settings: Settings, metrics: Metrics | None = None
     ) -> None:
         self.store = store
-        self.limits = limits or Limits()
+        self.settings = settings
         self.metrics = metrics or Metrics()
-        self._default_settings = dict(default_settings or {})
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, LiveModel] = {}
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, int], tuple[ModelSpec, Params]] = OrderedDict()
-        self._cache_size = version_cache
+        self._versions = VersionCache(settings.version_cache)
         self._closing = False
         for record in store.list_models():
             try:
                 self._models[record.name] = self._load(record)
             except Exception:
-                log.exception("model.load_failed model=%s", record.name)
+                log.exception("model.load_failed", extra={"model": record.name})
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -210,54 +179,54 @@ class Core:
                     try:
                         meta = self._save_locked(model)
                         log.info(
-                            "model.saved_on_shutdown model=%s version=%d step=%d",
-                            meta.model,
-                            meta.version,
-                            meta.step,
+                            "model.saved_on_shutdown",
+                            extra={"model": meta.model, "version": meta.version, "step": meta.step},
                         )
                     except Exception:
-                        log.exception("model.save_on_shutdown_failed model=%s", model.record.name)
+                        log.exception(
+                            "model.save_on_shutdown_failed", extra={"model": model.record.name}
+                        )
         self.store.close()
 
     # -- models ------------------------------------------------------------------------
 
     def create_model(
         self, name: str, spec: Any, settings: Mapping[str, Any] | None = None
-    ) -> ModelInfo:
+    ) -> wire.Model:
         self._check_open()
         check_name(name)
         try:
             # The parameter limit is the server's (ResourceExhausted), not the spec's validity.
             parsed = ModelSpec.from_dict(spec, max_params=2**63 - 1)
         except SpecError as exc:
-            raise _engine_error(exc) from None
-        if parsed.n_params > self.limits.max_params:
+            raise to_service_error(exc) from None
+        if parsed.n_params > self.settings.max_params:
             raise ResourceExhausted(
                 f"the spec's {parsed.n_params:,} parameters exceed the limit "
-                f"of {self.limits.max_params:,} per model on this server"
+                f"of {self.settings.max_params:,} per model on this server"
             )
         network = Network(parsed)
+        defaults = {
+            "retain": self.settings.default_retain,
+            "autosave_every": self.settings.default_autosave_every,
+        }
         with self._lock:
             record = self.store.create_model(
-                name, parsed.to_dict(), self._default_settings | dict(settings or {})
+                name, parsed.to_dict(), defaults | dict(settings or {})
             )
-            model = self._models[name] = _Model(record, parsed, network, None, None)
+            model = self._models[name] = LiveModel(record, parsed, network, None, None)
         self.metrics.step.labels(name).set(0)
         self.metrics.versions.labels(name).set(0)
-        log.info("model.created model=%s params=%d", name, parsed.n_params)
-        return self._info(model)
+        log.info("model.created", extra={"model": name, "params": parsed.n_params})
+        return self._record(model)
 
-    def get_model(self, name: str) -> ModelInfo:
-        return self._info(self._model(name))
+    def get_model(self, name: str) -> wire.Model:
+        return self._record(self._model(name))
 
-    def parameter_count(self, name: str) -> int:
-        """The model's number of parameters (cheap; for sizing work before doing it)."""
-        return self._model(name).spec.n_params
-
-    def list_models(self) -> list[ModelInfo]:
+    def list_models(self) -> list[wire.Model]:
         with self._lock:
             models = sorted(self._models.values(), key=lambda m: m.record.name)
-        return [self._info(m) for m in models]
+        return [self._record(m) for m in models]
 
     def delete_model(self, name: str) -> None:
         self._check_open()
@@ -267,17 +236,16 @@ class Core:
             model.deleted = True
             with self._lock:
                 self._models.pop(name, None)
-                for key in [k for k in self._cache if k[0] == name]:
-                    del self._cache[key]
+            self._versions.forget(name)
         self.metrics.forget_model(name)
-        log.info("model.deleted model=%s", name)
+        log.info("model.deleted", extra={"model": name})
 
-    def update_settings(self, name: str, settings: Mapping[str, Any]) -> ModelInfo:
+    def update_settings(self, name: str, settings: Mapping[str, Any]) -> wire.Model:
         self._check_open()
         model = self._model(name)
         with model.lock:
             model.record = self.store.update_settings(name, dict(settings))
-        return self._info(model)
+        return self._record(model)
 
     # -- predicting and training -------------------------------------------------------
 
@@ -290,11 +258,8 @@ class Core:
         label: str | None = None,
     ) -> Prediction:
         """Forward pass on the head, on saved ``version``, or on the version ``label`` names."""
-        query = self.prepare_predict(name, inputs, version=version, label=label, load=True)
-        result = self.predict_batch([query])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        query = self.prepare_predict(name, inputs, version=version, label=label)
+        return self.answer(self.load(query))
 
     def prepare_predict(
         self,
@@ -303,45 +268,59 @@ class Core:
         *,
         version: int | None = None,
         label: str | None = None,
-        load: bool = False,
     ) -> PredictQuery:
         """A validated prediction request, ready for :meth:`predict_batch`.
 
         Everything that can be wrong with one request is found here, so that a batch of
-        queries fails only for reasons they share. A saved version not in memory is read from
-        disk only when ``load`` is true; otherwise the query comes back with ``ready`` false
-        and must be prepared again with ``load=True`` (off the event loop)."""
+        queries fails only for reasons they share. Nothing is read from disk: a saved version
+        not in memory comes back with ``weights_loaded`` false (see :meth:`load`)."""
         self._check_open()
         model = self._model(name)
         self._check_rows(inputs)
-        if version is not None and label is not None:
-            raise InvalidArgument("give a version or a label, not both")
+        problem = wire.source_problem(version, label)
+        if problem:
+            raise InvalidArgument(problem)
         if label is not None:
             version = self._label_version(model, label)
         try:
             x = check_inputs(model.spec, inputs)
         except InputError as exc:
-            raise _engine_error(exc) from None
+            raise to_service_error(exc) from None
         if version is None:
             return PredictQuery(model, None, x, None)
-        weights = self._version_params(model, version) if load else self._cached(model, version)
-        return PredictQuery(model, version, x, weights, ready=weights is not None)
+        return PredictQuery(model, version, x, self._versions.get(name, version))
+
+    def load(self, query: PredictQuery) -> PredictQuery:
+        """``query`` with its version's weights in memory, read from disk if need be (slow:
+        call it off the event loop)."""
+        if query.weights_loaded:
+            return query
+        assert query.version is not None
+        weights = self._version_weights(query.model, query.version)
+        return PredictQuery(query.model, query.version, query.x, weights)
+
+    def answer(self, query: PredictQuery) -> Prediction:
+        """One query's prediction (see :meth:`predict_batch`)."""
+        result = self.predict_batch([query])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def predict_batch(self, queries: list[PredictQuery]) -> list[Prediction | Exception]:
         """One forward pass for queries with the same model and source (the head or one
-        version); each gets its own rows back, or its own error. They all see one snapshot
-        of the weights."""
+        loaded version); each gets its own rows back, or its own error. They all see one
+        snapshot of the weights."""
         first = queries[0]
         model = first.model
-        if first.weights is None:
-            if not first.ready:
-                raise ValueError("a query for a version not in memory; prepare it with load=True")
+        if first.version is None:
             if model.deleted:
                 gone = NotFound(f"model {model.record.name!r} was deleted")
                 return [gone for _ in queries]
             spec, params = model.spec, model.network.params
-        else:
+        elif first.weights is not None:
             spec, params = first.weights
+        else:
+            raise ValueError("a query for a version not in memory: load() it first")
         x = first.x if len(queries) == 1 else np.concatenate([q.x for q in queries])
         outputs = forward(spec, params, x)
         finite = all_finite(outputs)
@@ -371,26 +350,23 @@ class Core:
         targets: NDArray[Any],
         *,
         learning_rate: float | None = None,
-        on_start: Callable[[], object] | None = None,
-    ) -> StepOutcome:
-        """One step on the head. Bad input or a diverging step changes nothing. ``on_start``:
-        see :meth:`engine.Network.train_step`."""
+    ) -> wire.StepResult:
+        """One step on the head. Bad input or a diverging step changes nothing."""
         self._check_open()
         model = self._model(name)
         self._check_rows(inputs)
         with model.lock:
             self._check_alive(model)
             try:
-                result = model.network.train_step(
-                    inputs, targets, lr=learning_rate, on_start=on_start
-                )
+                result = model.network.train_step(inputs, targets, lr=learning_rate)
             except DivergedError as exc:
                 self.metrics.refused_steps.labels(name).inc()
-                log.warning("model.step_refused model=%s reason=%r", name, str(exc))
-                raise _engine_error(exc) from None
+                log.warning("model.step_refused", extra={"model": name, "reason": str(exc)})
+                raise to_service_error(exc) from None
             except EngineError as exc:
-                raise _engine_error(exc) from None
+                raise to_service_error(exc) from None
             model.unsaved += 1
+            model.unsaved_loss_sum += result.loss
             model.last_loss = result.loss
             saved = None
             every = int(model.record.settings.get("autosave_every", 0))
@@ -401,47 +377,50 @@ class Core:
         self.metrics.training_steps.labels(name).inc()
         self.metrics.step.labels(name).set(result.step)
         self.metrics.last_loss.labels(name).set(result.loss)
-        return StepOutcome(result.step, result.loss, result.accuracy, rows, saved)
+        return wire.StepResult(result.step, result.loss, result.accuracy, rows, saved)
 
     # -- versions and labels -----------------------------------------------------------
 
-    def save_version(self, name: str) -> VersionInfo:
+    def save_version(self, name: str) -> wire.Version:
         self._check_open()
         model = self._model(name)
         with model.lock:
             self._check_alive(model)
             meta = self._save_locked(model)
-            return self._version_info(model, meta)
+            return self._version_record(model, meta)
 
-    def list_versions(self, name: str) -> list[VersionInfo]:
+    def list_versions(self, name: str) -> list[wire.Version]:
         model = self._model(name)
-        return [self._version_info(model, meta) for meta in self.store.list_versions(name)]
+        return [self._version_record(model, meta) for meta in self.store.list_versions(name)]
 
-    def set_label(self, name: str, label: str, version: int) -> ModelInfo:
+    def set_label(self, name: str, label: str, version: int) -> wire.Model:
         self._check_open()
         model = self._model(name)
         with model.lock:
             model.record = self.store.set_label(name, label, version)
-        log.info("label.set model=%s label=%s version=%d", name, label, version)
-        return self._info(model)
+        log.info("label.set", extra={"model": name, "label": label, "version": version})
+        return self._record(model)
 
-    def remove_label(self, name: str, label: str) -> ModelInfo:
+    def remove_label(self, name: str, label: str) -> wire.Model:
         self._check_open()
         model = self._model(name)
         with model.lock:
             model.record = self.store.remove_label(name, label)
-        log.info("label.removed model=%s label=%s", name, label)
-        return self._info(model)
+        log.info("label.removed", extra={"model": name, "label": label})
+        return self._record(model)
 
     def rollback(
         self, name: str, *, version: int | None = None, label: str | None = None
-    ) -> ModelInfo:
+    ) -> wire.Model:
         """Reset the head to a saved version: weights, optimizer state and step. Training
         continues from there, and the next saved version records it as parent."""
         self._check_open()
         model = self._model(name)
-        if (version is None) == (label is None):
-            raise InvalidArgument("rollback needs exactly one of version or label")
+        if version is None and label is None:
+            raise InvalidArgument("rollback needs a version or a label")
+        problem = wire.source_problem(version, label)
+        if problem:
+            raise InvalidArgument(problem)
         with model.lock:
             self._check_alive(model)
             target = self._label_version(model, label) if label is not None else version
@@ -450,11 +429,15 @@ class Core:
             model.network = network
             model.parent = meta.version
             model.unsaved = 0
+            model.unsaved_loss_sum = 0.0
             model.detached = meta.version != model.latest
-            model.last_loss = meta.metrics.get("loss")
+            model.last_loss = _last_loss(meta.metrics)
         self.metrics.step.labels(name).set(network.step)
-        log.info("model.rolled_back model=%s version=%d step=%d", name, meta.version, meta.step)
-        return self._info(model)
+        log.info(
+            "model.rolled_back",
+            extra={"model": name, "version": meta.version, "step": meta.step},
+        )
+        return self._record(model)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -464,105 +447,100 @@ class Core:
 
     def _check_rows(self, inputs: Any) -> None:
         rows = inputs.shape[0] if isinstance(inputs, np.ndarray) and inputs.ndim else 0
-        if rows > self.limits.max_rows:
+        if rows > self.settings.max_rows:
             raise ResourceExhausted(
-                f"{rows:,} rows in one request; the limit is {self.limits.max_rows:,}"
+                f"{rows:,} rows in one request; the limit is {self.settings.max_rows:,}"
             )
 
     @staticmethod
-    def _check_alive(model: _Model) -> None:
+    def _check_alive(model: LiveModel) -> None:
         if model.deleted:
             raise NotFound(f"model {model.record.name!r} was deleted")
 
-    def _model(self, name: str) -> _Model:
+    def _model(self, name: str) -> LiveModel:
         model = self._models.get(name)
         if model is None:
             check_name(name)
             raise NotFound(f"model {name!r} not found")
         return model
 
-    def _load(self, record: ModelRecord) -> _Model:
+    def _load(self, record: ModelRecord) -> LiveModel:
         """A model's head from its newest verifiable version, or fresh from its spec."""
-        spec = ModelSpec.from_dict(record.spec, max_params=self.limits.max_params)
+        max_params = self.settings.max_params
+        spec = ModelSpec.from_dict(record.spec, max_params=max_params)
         latest = self.store.latest_version(record.name)
         if latest is None:
             network, parent, loss = Network(spec), None, None
         else:
             _, data = self.store.load_version(record.name, latest.version)
-            network = Network.from_bytes(data, max_params=self.limits.max_params)
-            parent, loss = latest.version, latest.metrics.get("loss")
+            network = Network.from_bytes(data, max_params=max_params)
+            parent, loss = latest.version, _last_loss(latest.metrics)
         self.metrics.step.labels(record.name).set(network.step)
         self.metrics.versions.labels(record.name).set(len(self.store.list_versions(record.name)))
-        log.info("model.loaded model=%s version=%s step=%d", record.name, parent, network.step)
-        return _Model(record, spec, network, parent, loss)
+        log.info(
+            "model.loaded",
+            extra={"model": record.name, "version": parent, "step": network.step},
+        )
+        return LiveModel(record, spec, network, parent, loss)
 
-    def _label_version(self, model: _Model, label: str) -> int:
+    def _label_version(self, model: LiveModel, label: str) -> int:
         version = model.record.labels.get(label)
         if version is None:
             check_name(label, "label")
             raise NotFound(f"model {model.record.name!r} has no label {label!r}")
         return version
 
-    def _load_version(self, model: _Model, version: int) -> tuple[VersionMeta, Network]:
+    def _load_version(self, model: LiveModel, version: int) -> tuple[VersionMeta, Network]:
         meta, data = self.store.load_version(model.record.name, version)
         try:
-            network = Network.from_bytes(data, max_params=self.limits.max_params)
+            network = Network.from_bytes(data, max_params=self.settings.max_params)
         except StateError as exc:
             raise DataLoss(
                 f"model {model.record.name!r} version {version} cannot be loaded: {exc}"
             ) from None
         return meta, network
 
-    def _cached(self, model: _Model, version: int) -> tuple[ModelSpec, Params] | None:
-        """A saved version's weights if they are in memory (marked as recently used)."""
-        key = (model.record.name, version)
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-            return cached
-
-    def _version_params(self, model: _Model, version: int) -> tuple[ModelSpec, Params]:
-        cached = self._cached(model, version)
+    def _version_weights(self, model: LiveModel, version: int) -> tuple[ModelSpec, Params]:
+        name = model.record.name
+        cached = self._versions.get(name, version)
         if cached is not None:
             return cached
-        key = (model.record.name, version)
         _, network = self._load_version(model, version)
-        entry = (network.spec, network.params)
-        if self._cache_size:
-            with self._lock:
-                self._cache[key] = entry
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        return entry
+        weights = (network.spec, network.params)
+        self._versions.put(name, version, weights)
+        return weights
 
-    def _save_locked(self, model: _Model) -> VersionMeta:
+    def _save_locked(self, model: LiveModel) -> VersionMeta:
         name = model.record.name
         state = model.network.to_bytes()
-        metrics = (
-            {}
-            if model.last_loss is None or not math.isfinite(model.last_loss)
-            else {"loss": model.last_loss}
-        )
+        metrics: dict[str, float] = {}
+        if model.last_loss is not None and math.isfinite(model.last_loss):
+            # The last batch's loss, and the mean over the steps this version adds.
+            metrics["last_loss"] = model.last_loss
+            if model.unsaved and math.isfinite(model.unsaved_loss_sum):
+                metrics["mean_loss"] = model.unsaved_loss_sum / model.unsaved
         meta = self.store.save_version(
             name, state, step=model.network.step, parent=model.parent, metrics=metrics
         )
         model.parent = model.latest = meta.version
         model.unsaved = 0
+        model.unsaved_loss_sum = 0.0
         model.detached = False
         self.metrics.versions.labels(name).set(len(self.store.list_versions(name)))
         log.info(
-            "version.saved model=%s version=%d step=%d bytes=%d",
-            name,
-            meta.version,
-            meta.step,
-            meta.size_bytes,
+            "version.saved",
+            extra={
+                "model": name,
+                "version": meta.version,
+                "step": meta.step,
+                "bytes": meta.size_bytes,
+            },
         )
         return meta
 
-    def _version_info(self, model: _Model, meta: VersionMeta) -> VersionInfo:
+    def _version_record(self, model: LiveModel, meta: VersionMeta) -> wire.Version:
         labels = tuple(sorted(k for k, v in model.record.labels.items() if v == meta.version))
-        return VersionInfo(
+        return wire.Version(
             meta.model,
             meta.version,
             meta.step,
@@ -574,9 +552,9 @@ class Core:
             labels,
         )
 
-    def _info(self, model: _Model) -> ModelInfo:
+    def _record(self, model: LiveModel) -> wire.Model:
         record = model.record
-        return ModelInfo(
+        return wire.Model(
             record.name,
             dict(record.spec),
             dict(record.settings),

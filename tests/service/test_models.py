@@ -1,7 +1,7 @@
-"""The transport-free core, in process, over a real model store in tmp_path: models, the
-live head, predictions from the head / a version / a label, training, autosave, versions and
-their parents, rollback, labels, retention, limits, refusals that change nothing, and
-shutdown followed by a restart over the same store."""
+"""The transport-free core (service.models), in process, over a real model store in
+tmp_path: models, the live head, predictions from the head / a version / a label, training,
+autosave, versions and their parents, rollback, labels, retention, limits, refusals that
+change nothing, and shutdown followed by a restart over the same store."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from numpy.typing import NDArray
 
 from propserve.engine import ModelSpec, Network
-from propserve.service.core import Core, Limits
+from propserve.service.config import Settings
 from propserve.service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -23,6 +23,7 @@ from propserve.service.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from propserve.service.models import Models
 from propserve.service.store import ModelStore
 
 Array = NDArray[Any]
@@ -64,20 +65,25 @@ def store_root(tmp_path: Path) -> Path:
     return tmp_path / "store"
 
 
+def open_models(root: Path, **settings: Any) -> Models:
+    """The core over the store at ``root``, with these settings (others default)."""
+    return Models(ModelStore(root), Settings(store=root, **settings))
+
+
 @pytest.fixture
-def core(store_root: Path) -> Iterator[Core]:
-    opened = Core(ModelStore(store_root))
+def core(store_root: Path) -> Iterator[Models]:
+    opened = open_models(store_root)
     try:
         yield opened
     finally:
         opened.close()
 
 
-def train(core: Core, name: str, data: list[tuple[Array, Array]]) -> list[float]:
+def train(core: Models, name: str, data: list[tuple[Array, Array]]) -> list[float]:
     return [core.train_step(name, x, y).loss for x, y in data]
 
 
-def head_state(core: Core, name: str) -> bytes:
+def head_state(core: Models, name: str) -> bytes:
     """The head's parameters, optimizer state and step as the engine serialises them.
 
     NOTE: reaches into the core's private table; saving a version to read the bytes back
@@ -85,12 +91,12 @@ def head_state(core: Core, name: str) -> bytes:
     return core._models[name].network.to_bytes()
 
 
-def version_network(core: Core, name: str, version: int) -> Network:
+def version_network(core: Models, name: str, version: int) -> Network:
     _, data = core.store.load_version(name, version)
     return Network.from_bytes(data)
 
 
-def assert_unchanged(core: Core, name: str, before: bytes, outputs: Array, step: int) -> None:
+def assert_unchanged(core: Models, name: str, before: bytes, outputs: Array, step: int) -> None:
     assert head_state(core, name) == before, "the head's state changed"
     assert core.get_model(name).head_step == step
     prediction = core.predict(name, PROBE)
@@ -100,7 +106,7 @@ def assert_unchanged(core: Core, name: str, before: bytes, outputs: Array, step:
 # --- models -----------------------------------------------------------------------------
 
 
-def test_create_get_list_delete(core: Core) -> None:
+def test_create_get_list_delete(core: Models) -> None:
     info = core.create_model("alpha", SPEC)
     assert info.name == "alpha"
     assert info.head_step == 0
@@ -122,7 +128,7 @@ def test_create_get_list_delete(core: Core) -> None:
         core.delete_model("alpha")
 
 
-def test_a_new_head_is_the_specs_initial_network(core: Core) -> None:
+def test_a_new_head_is_the_specs_initial_network(core: Models) -> None:
     core.create_model("m", SPEC)
     expected = Network(ModelSpec.from_dict(SPEC)).forward(PROBE)
     prediction = core.predict("m", PROBE)
@@ -131,7 +137,7 @@ def test_a_new_head_is_the_specs_initial_network(core: Core) -> None:
     assert prediction.step == 0
 
 
-def test_create_refuses_a_taken_name(core: Core) -> None:
+def test_create_refuses_a_taken_name(core: Models) -> None:
     core.create_model("m", SPEC)
     core.train_step("m", *batches(0, 1)[0])
     with pytest.raises(AlreadyExists):
@@ -143,7 +149,7 @@ def test_create_refuses_a_taken_name(core: Core) -> None:
 @pytest.mark.parametrize(
     "name", ["", "../x", "x/y", "Upper", ".hidden", "a" * 65, "x\n", "-lead", "sp ace"]
 )
-def test_create_refuses_bad_names(core: Core, store_root: Path, name: str) -> None:
+def test_create_refuses_bad_names(core: Models, store_root: Path, name: str) -> None:
     with pytest.raises(InvalidArgument, match="invalid model name"):
         core.create_model(name, SPEC)
     assert core.list_models() == []
@@ -162,13 +168,13 @@ def test_create_refuses_bad_names(core: Core, store_root: Path, name: str) -> No
         "not a spec",
     ],
 )
-def test_create_refuses_bad_specs(core: Core, spec: Any) -> None:
+def test_create_refuses_bad_specs(core: Models, spec: Any) -> None:
     with pytest.raises(InvalidArgument, match="invalid spec"):
         core.create_model("m", spec)
     assert core.list_models() == []
 
 
-def test_deleted_names_never_reuse_version_numbers(core: Core) -> None:
+def test_deleted_names_never_reuse_version_numbers(core: Models) -> None:
     core.create_model("m", SPEC)
     assert core.save_version("m").version == 1
     core.delete_model("m")
@@ -179,7 +185,7 @@ def test_deleted_names_never_reuse_version_numbers(core: Core) -> None:
 # --- predicting -------------------------------------------------------------------------
 
 
-def test_predict_on_head_version_and_label(core: Core) -> None:
+def test_predict_on_head_version_and_label(core: Models) -> None:
     core.create_model("m", SPEC)
     data = batches(1, 6)
     train(core, "m", data[:3])
@@ -203,7 +209,7 @@ def test_predict_on_head_version_and_label(core: Core) -> None:
     assert head.outputs.dtype == np.float32
 
 
-def test_predict_unknown_version_or_label(core: Core) -> None:
+def test_predict_unknown_version_or_label(core: Models) -> None:
     core.create_model("m", SPEC)
     core.save_version("m")
     with pytest.raises(NotFound, match="version 2"):
@@ -220,7 +226,7 @@ def test_predict_unknown_version_or_label(core: Core) -> None:
         core.predict("other", PROBE)
 
 
-def test_predict_refuses_both_version_and_label(core: Core) -> None:
+def test_predict_refuses_both_version_and_label(core: Models) -> None:
     core.create_model("m", SPEC)
     core.save_version("m")
     core.train_step("m", *batches(0, 1)[0])
@@ -241,19 +247,19 @@ def test_predict_refuses_both_version_and_label(core: Core) -> None:
         (np.array([[1.0, 0.0, -np.inf]]), "non-finite"),
     ],
 )
-def test_predict_refuses_bad_inputs(core: Core, inputs: Array, match: str) -> None:
+def test_predict_refuses_bad_inputs(core: Models, inputs: Array, match: str) -> None:
     core.create_model("m", SPEC)
     with pytest.raises(InvalidArgument, match=match):
         core.predict("m", inputs)
 
 
-def test_predict_accepts_float64_for_a_float32_model(core: Core) -> None:
+def test_predict_accepts_float64_for_a_float32_model(core: Models) -> None:
     core.create_model("m", SPEC)
     as64 = core.predict("m", PROBE.astype(np.float64))
     np.testing.assert_array_equal(as64.outputs, core.predict("m", PROBE).outputs)
 
 
-def test_non_finite_outputs_are_refused(core: Core) -> None:
+def test_non_finite_outputs_are_refused(core: Models) -> None:
     spec = {
         "input_dim": 1,
         "layers": [{"units": 64, "activation": "identity"}, {"units": 2}],
@@ -268,7 +274,7 @@ def test_non_finite_outputs_are_refused(core: Core) -> None:
         core.predict("m", huge)
 
 
-def test_large_finite_inputs_are_accepted_quietly(core: Core) -> None:
+def test_large_finite_inputs_are_accepted_quietly(core: Models) -> None:
     spec = {**SPEC, "layers": [{"units": 5, "activation": "tanh"}, {"units": 2}]}
     core.create_model("m", spec)
     x = np.array([[2e38, 2e38, 0.0]], np.float32)  # finite; its sum is not
@@ -278,7 +284,7 @@ def test_large_finite_inputs_are_accepted_quietly(core: Core) -> None:
 # --- training ---------------------------------------------------------------------------
 
 
-def test_train_step_matches_the_engine_bit_for_bit(core: Core) -> None:
+def test_train_step_matches_the_engine_bit_for_bit(core: Models) -> None:
     core.create_model("m", SPEC)
     reference = Network(ModelSpec.from_dict(SPEC))
     for i, (x, y) in enumerate(batches(2, 5), start=1):
@@ -295,7 +301,7 @@ def test_train_step_matches_the_engine_bit_for_bit(core: Core) -> None:
     assert info.last_loss == expected.loss
 
 
-def test_train_step_learning_rate_override(core: Core) -> None:
+def test_train_step_learning_rate_override(core: Models) -> None:
     core.create_model("m", SPEC)
     reference = Network(ModelSpec.from_dict(SPEC))
     x, y = batches(3, 1)[0]
@@ -304,7 +310,7 @@ def test_train_step_learning_rate_override(core: Core) -> None:
     assert head_state(core, "m") == reference.to_bytes()
 
 
-def test_classifier_reports_accuracy(core: Core) -> None:
+def test_classifier_reports_accuracy(core: Models) -> None:
     core.create_model("c", CLASSIFIER)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((10, 4)).astype(np.float32)
@@ -317,7 +323,7 @@ def test_classifier_reports_accuracy(core: Core) -> None:
     assert 0.0 <= outcome.accuracy <= 1.0
 
 
-def test_autosave_every_n_steps(core: Core) -> None:
+def test_autosave_every_n_steps(core: Models) -> None:
     core.create_model("m", SPEC, {"autosave_every": 3})
     saved = [core.train_step("m", x, y).saved_version for x, y in batches(5, 7)]
     assert saved == [None, None, 1, None, None, 2, None]
@@ -332,7 +338,7 @@ def test_autosave_every_n_steps(core: Core) -> None:
     assert core.store.load_version("m", 2)[1] == reference.to_bytes()
 
 
-def test_autosave_setting_can_change(core: Core) -> None:
+def test_autosave_setting_can_change(core: Models) -> None:
     core.create_model("m", SPEC)
     train(core, "m", batches(6, 2))
     assert core.list_versions("m") == []
@@ -365,7 +371,7 @@ BAD_STEPS: list[tuple[str, Any, Any, float | None, str]] = [
     ("x", "y", "lr", "match"), [case[1:] for case in BAD_STEPS], ids=[c[0] for c in BAD_STEPS]
 )
 def test_bad_training_input_changes_nothing(
-    core: Core, x: Any, y: Any, lr: float | None, match: str
+    core: Models, x: Any, y: Any, lr: float | None, match: str
 ) -> None:
     core.create_model("m", SPEC)
     train(core, "m", batches(9, 2))
@@ -376,7 +382,7 @@ def test_bad_training_input_changes_nothing(
     assert core.get_model("m").unsaved_steps == 2
 
 
-def test_classifier_refuses_out_of_range_labels(core: Core) -> None:
+def test_classifier_refuses_out_of_range_labels(core: Models) -> None:
     core.create_model("c", CLASSIFIER)
     x = np.ones((2, 4), np.float32)
     before = head_state(core, "c")
@@ -387,7 +393,7 @@ def test_classifier_refuses_out_of_range_labels(core: Core) -> None:
     assert head_state(core, "c") == before
 
 
-def test_a_diverging_step_is_refused_and_the_head_kept(core: Core) -> None:
+def test_a_diverging_step_is_refused_and_the_head_kept(core: Models) -> None:
     spec = {**SPEC, "optimizer": {"name": "sgd", "lr": 0.01}}
     core.create_model("m", spec, {"autosave_every": 1})
     x, y = batches(10, 1)[0]
@@ -406,7 +412,7 @@ def test_a_diverging_step_is_refused_and_the_head_kept(core: Core) -> None:
 
 
 def test_rows_limit(store_root: Path) -> None:
-    core = Core(ModelStore(store_root), limits=Limits(max_rows=4))
+    core = open_models(store_root, max_rows=4)
     try:
         core.create_model("m", SPEC)
         x, y = batches(11, 1, rows=5)[0]
@@ -423,7 +429,7 @@ def test_rows_limit(store_root: Path) -> None:
 
 def test_param_limit_admits_a_model_at_the_limit(store_root: Path) -> None:
     n_params = ModelSpec.from_dict(SPEC).n_params
-    core = Core(ModelStore(store_root), limits=Limits(max_params=n_params))
+    core = open_models(store_root, max_params=n_params)
     try:
         assert core.create_model("m", SPEC).parameter_count == n_params
     finally:
@@ -432,7 +438,7 @@ def test_param_limit_admits_a_model_at_the_limit(store_root: Path) -> None:
 
 def test_param_limit_is_resource_exhausted(store_root: Path) -> None:
     n_params = ModelSpec.from_dict(SPEC).n_params
-    core = Core(ModelStore(store_root), limits=Limits(max_params=n_params - 1))
+    core = open_models(store_root, max_params=n_params - 1)
     try:
         with pytest.raises(ResourceExhausted):
             core.create_model("m", SPEC)
@@ -442,7 +448,7 @@ def test_param_limit_is_resource_exhausted(store_root: Path) -> None:
 
 def test_param_limit_refuses_and_creates_nothing(store_root: Path) -> None:
     n_params = ModelSpec.from_dict(SPEC).n_params
-    core = Core(ModelStore(store_root), limits=Limits(max_params=n_params - 1))
+    core = open_models(store_root, max_params=n_params - 1)
     try:
         with pytest.raises((InvalidArgument, ResourceExhausted), match="exceed the limit"):
             core.create_model("m", SPEC)
@@ -455,21 +461,21 @@ def test_param_limit_refuses_and_creates_nothing(store_root: Path) -> None:
 # --- versions, rollback, labels, retention ----------------------------------------------
 
 
-def test_save_version_records_step_parent_and_loss(core: Core) -> None:
+def test_save_version_records_step_parent_and_loss(core: Models) -> None:
     core.create_model("m", SPEC)
     v1 = core.save_version("m")
     assert (v1.version, v1.step, v1.parent, v1.metrics) == (1, 0, None, {})
     losses = train(core, "m", batches(12, 2))
     v2 = core.save_version("m")
     assert (v2.version, v2.step, v2.parent) == (2, 2, 1)
-    assert v2.metrics == {"loss": losses[-1]}
+    assert v2.metrics == {"last_loss": losses[-1], "mean_loss": sum(losses[-2:]) / 2}
     assert v2.size_bytes == len(core.store.load_version("m", 2)[1])
     assert core.get_model("m").unsaved_steps == 0
     assert core.get_model("m").latest_version == 2
     assert [v.version for v in core.list_versions("m")] == [1, 2]
 
 
-def test_rollback_restores_weights_and_optimizer_state(core: Core) -> None:
+def test_rollback_restores_weights_and_optimizer_state(core: Models) -> None:
     core.create_model("m", SPEC)
     data = batches(13, 8)
     train(core, "m", data[:3])
@@ -497,7 +503,7 @@ def test_rollback_restores_weights_and_optimizer_state(core: Core) -> None:
     assert (v3.version, v3.step, v3.parent) == (3, 6, 1)
 
 
-def test_rollback_by_label_and_momentum_state(core: Core) -> None:
+def test_rollback_by_label_and_momentum_state(core: Models) -> None:
     core.create_model("c", CLASSIFIER)
     rng = np.random.default_rng(14)
     data = [
@@ -514,7 +520,7 @@ def test_rollback_by_label_and_momentum_state(core: Core) -> None:
     assert head_state(core, "c") == after_four
 
 
-def test_rollback_errors_change_nothing(core: Core) -> None:
+def test_rollback_errors_change_nothing(core: Models) -> None:
     core.create_model("m", SPEC)
     core.save_version("m")
     train(core, "m", batches(15, 2))
@@ -533,7 +539,7 @@ def test_rollback_errors_change_nothing(core: Core) -> None:
     assert core.get_model("m").unsaved_steps == 2
 
 
-def test_labels_set_move_remove(core: Core) -> None:
+def test_labels_set_move_remove(core: Models) -> None:
     core.create_model("m", SPEC)
     core.save_version("m")
     core.train_step("m", *batches(16, 1)[0])
@@ -556,7 +562,7 @@ def test_labels_set_move_remove(core: Core) -> None:
     assert core.get_model("m").labels == {"stable": 1}
 
 
-def test_retention_keeps_the_last_k_and_labelled(core: Core) -> None:
+def test_retention_keeps_the_last_k_and_labelled(core: Models) -> None:
     core.create_model("m", SPEC, {"retain": 2})
     core.save_version("m")
     core.set_label("m", "first", 1)
@@ -576,7 +582,7 @@ def test_retention_keeps_the_last_k_and_labelled(core: Core) -> None:
 
 
 def test_default_settings_apply_unless_overridden(store_root: Path) -> None:
-    core = Core(ModelStore(store_root), default_settings={"retain": 1, "autosave_every": 2})
+    core = open_models(store_root, default_retain=1, default_autosave_every=2)
     try:
         assert core.create_model("a", SPEC).settings == {"retain": 1, "autosave_every": 2}
         info = core.create_model("b", SPEC, {"autosave_every": 0})
@@ -591,7 +597,7 @@ def test_default_settings_apply_unless_overridden(store_root: Path) -> None:
 # --- shutdown, restart, corrupt versions ------------------------------------------------
 
 
-def test_shutdown_refuses_new_work(core: Core) -> None:
+def test_shutdown_refuses_new_work(core: Models) -> None:
     core.create_model("m", SPEC)
     core.begin_shutdown()
     x, y = batches(20, 1)[0]
@@ -609,7 +615,7 @@ def test_shutdown_refuses_new_work(core: Core) -> None:
 
 
 def test_close_saves_unsaved_heads_and_a_new_core_resumes(store_root: Path) -> None:
-    first = Core(ModelStore(store_root))
+    first = open_models(store_root)
     first.create_model("m", SPEC)
     first.create_model("idle", CLASSIFIER)
     data = batches(21, 5)
@@ -619,7 +625,7 @@ def test_close_saves_unsaved_heads_and_a_new_core_resumes(store_root: Path) -> N
     state, outputs = head_state(first, "m"), first.predict("m", PROBE).outputs
     first.close()
 
-    second = Core(ModelStore(store_root))
+    second = open_models(store_root)
     try:
         versions = second.list_versions("m")
         assert [(v.version, v.step, v.parent) for v in versions] == [(1, 2, None), (2, 4, 1)]
@@ -639,7 +645,7 @@ def test_close_saves_unsaved_heads_and_a_new_core_resumes(store_root: Path) -> N
 
 
 def test_a_rolled_back_head_survives_a_restart(store_root: Path) -> None:
-    first = Core(ModelStore(store_root))
+    first = open_models(store_root)
     first.create_model("m", SPEC)
     data = batches(22, 2)
     train(first, "m", data[:1])
@@ -650,7 +656,7 @@ def test_a_rolled_back_head_survives_a_restart(store_root: Path) -> None:
     state = head_state(first, "m")
     first.close()
 
-    second = Core(ModelStore(store_root))
+    second = open_models(store_root)
     try:
         assert second.get_model("m").head_step == 1
         assert head_state(second, "m") == state
@@ -659,7 +665,7 @@ def test_a_rolled_back_head_survives_a_restart(store_root: Path) -> None:
 
 
 def test_a_corrupt_latest_version_is_skipped_at_load(store_root: Path) -> None:
-    first = Core(ModelStore(store_root))
+    first = open_models(store_root)
     first.create_model("m", SPEC)
     data = batches(23, 2)
     train(first, "m", data[:1])
@@ -675,7 +681,7 @@ def test_a_corrupt_latest_version_is_skipped_at_load(store_root: Path) -> None:
     weights.chmod(0o644)
     weights.write_bytes(bytes(corrupt))
 
-    second = Core(ModelStore(store_root))
+    second = open_models(store_root)
     try:
         info = second.get_model("m")
         assert info.head_step == 1
@@ -689,7 +695,7 @@ def test_a_corrupt_latest_version_is_skipped_at_load(store_root: Path) -> None:
 
 
 def test_a_model_whose_versions_are_all_corrupt_starts_fresh(store_root: Path) -> None:
-    first = Core(ModelStore(store_root))
+    first = open_models(store_root)
     first.create_model("m", SPEC)
     train(first, "m", batches(24, 1))
     first.save_version("m")
@@ -698,7 +704,7 @@ def test_a_model_whose_versions_are_all_corrupt_starts_fresh(store_root: Path) -
     weights.chmod(0o644)
     weights.write_bytes(b"\0" * len(weights.read_bytes()))
 
-    second = Core(ModelStore(store_root))
+    second = open_models(store_root)
     try:
         assert second.get_model("m").head_step == 0
         assert head_state(second, "m") == Network(ModelSpec.from_dict(SPEC)).to_bytes()

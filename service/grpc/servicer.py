@@ -1,0 +1,170 @@
+"""propserve.v1.ModelService over gRPC: each method converts its message, calls the data
+plane inside the call context, and converts the answer back. Errors abort the call with the
+wire code's status and its trailers (error-code, x-request-id, retry-after-ms)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeAlias, TypeVar
+
+import grpc
+
+from propserve import wire
+from propserve.service.dataplane import Batch, Call, DataPlane, internal_message
+from propserve.service.errors import InvalidArgument, PropserveError, code_of
+from propserve.service.grpc import convert
+from propserve.service.grpc.server import Undecodable
+from propserve.v1 import model_service_pb2 as pb
+from propserve.v1 import model_service_pb2_grpc as pb_grpc
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Method = Callable[[Any, Request, Context], Awaitable[Response]]
+
+
+def call_context(plane: DataPlane, operation: str, context: Context) -> Call:
+    """The data plane's call context for this call, from its metadata."""
+    request_id = authorization = None
+    for key, value in context.invocation_metadata() or ():
+        if key == wire.REQUEST_ID_KEY and request_id is None and isinstance(value, str):
+            request_id = value
+        elif key == "authorization" and authorization is None and isinstance(value, str):
+            authorization = value
+    return plane.call(operation, "grpc", request_id=request_id, authorization=authorization)
+
+
+async def abort(context: Context, exc: BaseException, call: Call | None) -> NoReturn:
+    """End the call with ``exc``'s wire code (raises)."""
+    code = code_of(exc)
+    trailers: list[tuple[str, str]] = [(wire.ERROR_CODE_KEY, code.name)]
+    if call is not None:
+        trailers.append((wire.REQUEST_ID_KEY, call.request_id))
+    if code is wire.TOO_BUSY:
+        trailers.append((wire.RETRY_AFTER_MS_KEY, str(wire.RETRY_AFTER_MS)))
+    context.set_trailing_metadata(tuple(trailers))
+    message = (
+        exc.message
+        if isinstance(exc, PropserveError)
+        else (internal_message(call) if call else "internal error")
+    )
+    await context.abort(grpc.StatusCode[code.grpc], message)
+    raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+
+def unary(operation: str) -> Callable[[Method[Request, Response]], Method[Request, Response]]:
+    """A unary method run in the data plane's call context."""
+
+    def wrap(method: Method[Request, Response]) -> Method[Request, Response]:
+        @functools.wraps(method)
+        async def handler(self: ModelService, request: Request, context: Context) -> Response:
+            call = None
+            try:
+                call = call_context(self.plane, operation, context)
+                with call:
+                    if isinstance(request, Undecodable):
+                        raise InvalidArgument(request.reason)
+                    return await method(self, request, context)
+            except Exception as exc:
+                await abort(context, exc, call)
+
+        return handler
+
+    return wrap
+
+
+class ModelService(pb_grpc.ModelServiceServicer):
+    """propserve.v1.ModelService."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    @unary("CreateModel")
+    async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.Model:
+        spec = convert.spec_in(request.spec_json)
+        settings = convert.settings_in(request.settings)
+        return convert.model_out(await self.plane.create_model(request.name, spec, settings))
+
+    @unary("GetModel")
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
+        return convert.model_out(await self.plane.get_model(request.name))
+
+    @unary("ListModels")
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        models = await self.plane.list_models()
+        return pb.ListModelsResponse(models=[convert.model_out(m) for m in models])
+
+    @unary("DeleteModel")
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: Context
+    ) -> pb.DeleteModelResponse:
+        await self.plane.delete_model(request.name)
+        return pb.DeleteModelResponse()
+
+    @unary("UpdateModel")
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context: Context) -> pb.Model:
+        settings = convert.settings_in(request.settings)
+        return convert.model_out(await self.plane.update_model(request.name, settings))
+
+    @unary("Predict")
+    async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
+        inputs = convert.tensor_in(request.inputs, "inputs", self.plane.max_elements)
+        source = convert.source_in(request, "source")
+        return convert.prediction_out(await self.plane.predict(request.model, inputs, **source))
+
+    @unary("TrainStep")
+    async def TrainStep(
+        self, request: pb.TrainStepRequest, context: Context
+    ) -> pb.TrainStepResponse:
+        batch = convert.batch_in(request, self.plane.max_elements)
+        result = await self.plane.train_step(
+            request.model, batch.inputs, batch.targets, learning_rate=batch.learning_rate
+        )
+        return convert.step_out(result)
+
+    async def Train(
+        self, request_iterator: AsyncIterator[pb.TrainStepRequest], context: Context
+    ) -> AsyncIterator[pb.TrainStepResponse]:
+        """One response per batch; a failing batch ends the stream with its index named."""
+        call = None
+        try:
+            call = call_context(self.plane, "Train", context)
+            with call:
+                async for result in self.plane.train(self._batches(request_iterator)):
+                    yield convert.step_out(result)
+        except Exception as exc:
+            await abort(context, exc, call)
+
+    async def _batches(self, requests: AsyncIterator[pb.TrainStepRequest]) -> AsyncIterator[Batch]:
+        async for request in requests:
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(request.reason)
+            yield convert.batch_in(request, self.plane.max_elements)
+
+    @unary("SaveVersion")
+    async def SaveVersion(self, request: pb.SaveVersionRequest, context: Context) -> pb.Version:
+        return convert.version_out(await self.plane.save_version(request.model))
+
+    @unary("ListVersions")
+    async def ListVersions(
+        self, request: pb.ListVersionsRequest, context: Context
+    ) -> pb.ListVersionsResponse:
+        versions = await self.plane.list_versions(request.model)
+        return pb.ListVersionsResponse(versions=[convert.version_out(v) for v in versions])
+
+    @unary("SetLabel")
+    async def SetLabel(self, request: pb.SetLabelRequest, context: Context) -> pb.Model:
+        model = await self.plane.set_label(request.model, request.label, request.version)
+        return convert.model_out(model)
+
+    @unary("RemoveLabel")
+    async def RemoveLabel(self, request: pb.RemoveLabelRequest, context: Context) -> pb.Model:
+        return convert.model_out(await self.plane.remove_label(request.model, request.label))
+
+    @unary("Rollback")
+    async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.Model:
+        target = convert.source_in(request, "target")
+        return convert.model_out(await self.plane.rollback(request.model, **target))
