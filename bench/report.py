@@ -91,6 +91,11 @@ def cell_of(key: str, fmt: Callable[[Any], str] = str) -> Callable[[dict[str, An
     return cell
 
 
+def cell_in(group: str, key: str, fmt: Callable[[Any], str]) -> Callable[[dict[str, Any]], str]:
+    """A cell reading ``row[group][key]`` through ``fmt`` (rows holding one dict per side)."""
+    return lambda row: fmt(row[group][key])
+
+
 def table(columns: list[Column], rows: Iterable[dict[str, Any]]) -> list[str]:
     """A header, a rule and one line per row."""
     header = " ".join(c.fit(c.title) for c in columns).rstrip()

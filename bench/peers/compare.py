@@ -50,7 +50,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,27 +358,20 @@ def _venv_numpy(venv: Path) -> str:
 # -- the table -----------------------------------------------------------------------------
 
 
-def _side(
-    name: str, key: str, fmt: Callable[[float | None], str]
-) -> Callable[[dict[str, Any]], str]:
-    """A cell reading one server's figure of a case."""
-    return lambda r: fmt(r[name][key])
-
-
 COLUMNS = [
     report.Column("transport", 9, report.cell_of("transport"), left=True),
     report.Column("rows", 4, report.cell_of("rows")),
     report.Column("conc", 4, report.cell_of("concurrency")),
-    report.Column("ps req/s", 9, _side("propserve", "throughput", report.rate)),
-    report.Column("ps p50", 8, _side("propserve", "p50_s", report.ms)),
-    report.Column("ps p99", 8, _side("propserve", "p99_s", report.ms)),
-    report.Column("ml req/s", 9, _side("mlserver", "throughput", report.rate)),
-    report.Column("ml p50", 8, _side("mlserver", "p50_s", report.ms)),
-    report.Column("ml p99", 8, _side("mlserver", "p99_s", report.ms)),
+    report.Column("ps req/s", 9, report.cell_in("propserve", "throughput", report.rate)),
+    report.Column("ps p50", 8, report.cell_in("propserve", "p50_s", report.ms)),
+    report.Column("ps p99", 8, report.cell_in("propserve", "p99_s", report.ms)),
+    report.Column("ml req/s", 9, report.cell_in("mlserver", "throughput", report.rate)),
+    report.Column("ml p50", 8, report.cell_in("mlserver", "p50_s", report.ms)),
+    report.Column("ml p99", 8, report.cell_in("mlserver", "p99_s", report.ms)),
     report.Column("x req/s", 7, report.cell_of("ratio_throughput", report.ratio)),
     report.Column("x p50", 7, report.cell_of("ratio_p50", report.ratio)),
-    report.Column("ps srv us", 9, _side("propserve", "server_cpu_per_req_s", report.us)),
-    report.Column("ml srv us", 9, _side("mlserver", "server_cpu_per_req_s", report.us)),
+    report.Column("ps srv us", 9, report.cell_in("propserve", "server_cpu_per_req_s", report.us)),
+    report.Column("ml srv us", 9, report.cell_in("mlserver", "server_cpu_per_req_s", report.us)),
     report.Column("errors", 6, lambda r: f"{r['propserve']['errors']}/{r['mlserver']['errors']}"),
 ]
 
