@@ -1,12 +1,15 @@
 """Load generators that cost the client little CPU (the host's 2 cores are shared with the
 server): gRPC through one grpc.aio channel with pre-serialized requests and undecoded
 replies; REST through raw asyncio HTTP/1.1 keep-alive connections, or through ``wrk`` (Debian:
-apt-get install wrk). Every load is closed-loop and bounded by a Budget in requests and time.
+apt-get install wrk). Closed loops (a number of workers, each sending its next request when
+the last is answered) are bounded by a Budget in requests and time; the open loop
+(``paced``: requests at a fixed rate, answered or not) by its length.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -338,3 +341,81 @@ def wrk_load(
         result["errors"],
         quantiles=(result["p50_us"] / 1e6, result["p99_us"] / 1e6),
     )
+
+
+# -- open loop (rate-limited) ----------------------------------------------------------------
+
+
+async def paced(
+    rate: float,
+    seconds: float,
+    send: Callable[[float], Awaitable[None]],
+    max_in_flight: int,
+    on_skip: Callable[[float], None],
+    drain: float = 15.0,
+) -> None:
+    """Open loop: start ``send(intended)`` ``rate`` times a second for ``seconds``, on a
+    schedule that does not wait for answers, so a server that stalls cannot slow the client
+    down and hide it. ``intended`` is the perf_counter time each start was due (the loop
+    starts them in ticks of a few ms, so a send starts up to a tick late). A start due while
+    ``max_in_flight`` sends are unanswered is skipped (``on_skip(intended)``). Sends still
+    running ``drain`` seconds after the end are cancelled."""
+    start = time.perf_counter()
+    end = start + seconds
+    issued = 0
+    running: set[asyncio.Future[None]] = set()
+    while (now := time.perf_counter()) < end:
+        due = int((now - start) * rate)
+        while issued < due:
+            issued += 1
+            intended = start + issued / rate
+            if len(running) >= max_in_flight:
+                on_skip(intended)
+                continue
+            task = asyncio.ensure_future(send(intended))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        # starts due within a tick go out together: one wake-up per tick, not per request
+        await asyncio.sleep(0.005)
+    if running:
+        _, late = await asyncio.wait(set(running), timeout=drain)
+        for pending in late:
+            pending.cancel()
+
+
+class RestPool:
+    """``size`` keep-alive HTTP/1.1 connections to one loopback port, opened up front and
+    used in turn (so none idles long enough for the server to close it), each carrying one
+    request at a time; a request waits for a free one. A connection that fails or times out
+    is replaced."""
+
+    def __init__(self, port: int, size: int) -> None:
+        self.port = port
+        self.size = size
+        self.idle: collections.deque[HttpConnection] = collections.deque()
+        self.slots = asyncio.Semaphore(size)
+
+    async def open(self) -> None:
+        while len(self.idle) < self.size:
+            self.idle.append(await connect(self.port))
+
+    async def post(self, data: bytes, timeout: float) -> int:
+        """Send a whole request's bytes (http_request); the answer's HTTP status."""
+        async with self.slots:
+            conn = self.idle.popleft() if self.idle else None
+            if conn is None or conn.transport is None or conn.transport.is_closing():
+                conn = await asyncio.wait_for(connect(self.port), timeout)
+            try:
+                status = await asyncio.wait_for(conn.request(data), timeout)
+            except BaseException:
+                if conn.transport is not None:
+                    conn.transport.close()
+                raise
+            self.idle.append(conn)
+            return status
+
+    def close(self) -> None:
+        for conn in self.idle:
+            if conn.transport is not None:
+                conn.transport.close()
+        self.idle.clear()
