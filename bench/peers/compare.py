@@ -74,7 +74,9 @@ CONCURRENCY = (1, 8, 64)
 TRANSPORTS = ("rest", "grpc")
 SERVERS = ("propserve", "mlserver")
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-RUNTIME = "bench.peers.mlserver_runtime.DenseMLP"
+#: The runtime's file, copied beside model-settings.json, which MLServer imports it from.
+RUNTIME_FILE = HERE / "mlserver_runtime.py"
+RUNTIME = "mlserver_runtime.DenseMLP"
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class Plan:
     alternations: int
 
 
-QUICK = Plan({1: Budget(3000, 1.0, 20), 256: Budget(48, 1.0, 2)}, alternations=1)
+QUICK = Plan({1: Budget(6000, 2.0, 20), 256: Budget(64, 1.5, 2)}, alternations=1)
 FULL = Plan({1: Budget(20000, 2.0, 100), 256: Budget(400, 3.0, 4)}, alternations=3)
 
 
@@ -119,6 +121,7 @@ def write_mlserver_config(folder: Path, ports: dict[str, int]) -> None:
     model = folder / "models" / MODEL
     model.mkdir(parents=True)
     write_weights(model / "weights.npz")
+    shutil.copy(RUNTIME_FILE, model / RUNTIME_FILE.name)
     settings = {
         "host": "127.0.0.1",
         "http_port": ports["rest_port"],
@@ -162,8 +165,6 @@ def start_mlserver(venv: Path, work: Path) -> procs.Child:
         return ports if status == 200 else None
 
     env = {
-        # the runtime imports as bench.peers.mlserver_runtime
-        "PYTHONPATH": str(procs.ROOT),
         "OPENBLAS_NUM_THREADS": str(BLAS_THREADS),
         "OMP_NUM_THREADS": str(BLAS_THREADS),
     }

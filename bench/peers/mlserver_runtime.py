@@ -1,6 +1,7 @@
-"""An MLServer runtime doing model A's forward pass in NumPy, for bench/peers/mlserver.py.
+"""An MLServer runtime doing model A's forward pass in NumPy, for bench/peers/compare.py.
 
-It runs inside MLServer's own virtual environment, never in propserve's. The weights come
+It runs inside MLServer's own virtual environment, never in propserve's: compare.py copies
+it beside model-settings.json ("implementation": "mlserver_runtime.DenseMLP"). The weights come
 from the .npz named by the model settings' ``parameters.uri`` (arrays W0, b0, W1, b1, ...,
 W{i}: (n_in, n_out), b{i}: (n_out,)); hidden layers are relu, the last is softmax, as in
 propserve's model A. It is written the way an MLServer user would write it: the NumPy work
