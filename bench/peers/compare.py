@@ -11,10 +11,11 @@ BLAS thread, and do the same work per prediction: model A = [784 -> 512 relu -> 
 
 - propserve: ``python -m propserve serve`` with a temporary store; model A created through
   the gRPC client from its spec (seed 0).
-- MLServer: ``mlserver start`` from bench/peers/.venv-mlserver with the custom runtime
-  bench/peers/mlserver_runtime.py, weights of the same shapes from a .npz this script writes
-  (random, so the numbers differ from propserve's; the work does not), ``parallel_workers``
-  0 (inference in the server's own process), debug (per-request access logs) off.
+- MLServer: ``mlserver start`` from .venv-mlserver (at the repository root) with the
+  custom runtime bench/peers/mlserver_runtime.py, weights of the same shapes from a .npz
+  this script writes (random, so the numbers differ from propserve's; the work does not),
+  ``parallel_workers`` 0 (inference in the server's own process), debug (per-request
+  access logs) off.
 
 Cases: single-row and 256-row predictions at concurrency 1, 8 and 64, on each transport:
 
@@ -67,7 +68,7 @@ from bench.payloads import PREDICT_METHOD, make_payloads, predict_path, rows_of
 from propserve.clients import AsyncGrpcClient
 
 HERE = Path(__file__).resolve().parent
-MLSERVER_VENV = HERE / ".venv-mlserver"
+MLSERVER_VENV = HERE.parent.parent / ".venv-mlserver"
 MODEL = "a"
 ROWS = (1, 256)
 CONCURRENCY = (1, 8, 64)
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mlserver-venv",
         type=Path,
         default=MLSERVER_VENV,
-        help="MLServer's virtual environment (default: bench/peers/.venv-mlserver)",
+        help="MLServer's virtual environment (default: .venv-mlserver at the repository root)",
     )
     args = parser.parse_args(argv)
     import uvloop  # noqa: PLC0415

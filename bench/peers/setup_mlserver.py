@@ -1,9 +1,10 @@
 """Create MLServer's own virtual environment for bench/peers/compare.py; idempotent.
 
-    python3 bench/peers/setup_mlserver.py     # makes bench/peers/.venv-mlserver
+    python3 bench/peers/setup_mlserver.py     # makes .venv-mlserver at the repository root
 
 MLServer gets a venv of its own because its pins (protobuf, fastapi, starlette, uvicorn)
-differ from propserve's. A venv that already has the pinned versions is left as it is.
+differ from propserve's. A venv that already has the pinned versions is left as it is. It
+lives outside bench/, whose every .py file tests/clients/test_isolation.py reads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import venv
 from pathlib import Path
 
-VENV = Path(__file__).resolve().parent / ".venv-mlserver"
+VENV = Path(__file__).resolve().parent.parent.parent / ".venv-mlserver"
 PINS = {
     "mlserver": "1.7.1",
     # NOTE: with a newer uvloop, MLServer 1.7.1's worker process dies at start.
