@@ -1,4 +1,4 @@
-"""What the benchmarks share."""
+"""What the benchmarks share: the machine's description and model A's spec."""
 
 from __future__ import annotations
 
@@ -6,6 +6,25 @@ import os
 import platform
 from pathlib import Path
 from typing import Any
+
+#: Model A = [784 -> 512 relu -> 256 relu -> 10 softmax], float32, as propserve's spec.
+SPEC_A: dict[str, Any] = {
+    "input_dim": 784,
+    "layers": [
+        {"units": 512, "activation": "relu"},
+        {"units": 256, "activation": "relu"},
+        {"units": 10, "activation": "softmax"},
+    ],
+    "loss": "softmax_cross_entropy",
+    "optimizer": {"name": "sgd", "lr": 0.01},
+    "dtype": "float32",
+    "seed": 0,
+}
+#: Model A's widths, input first.
+DIMS_A = (784, 512, 256, 10)
+#: BLAS threads the benchmarks give a server and their in-process engine alike: set
+#: explicitly, so that both sides match whatever the server's own default becomes.
+BLAS_THREADS = 1
 
 
 def cpu_model() -> str:

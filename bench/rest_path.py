@@ -33,8 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine
-from bench.service import SPEC as SPEC_A
+from bench.common import SPEC_A, machine
 
 #: 784 inputs like model A, 2 outputs: what a request costs besides a real forward pass.
 SPEC_TINY: dict[str, Any] = {**SPEC_A, "layers": [{"units": 2, "activation": "softmax"}]}

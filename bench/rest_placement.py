@@ -23,8 +23,8 @@ body (JSON numbers, base64) and placement:
 - ``separate``: the target on the first allowed CPU, wrk on the second.
 
 Reported per case: requests/s, the target's and wrk's CPU time per request, and the server's
-throughput over the echo's (the target of bench/service.py: >= 0.8x). Needs wrk, taskset
-(util-linux) and two CPUs. Every run is bounded in time and every child is stopped by PID.
+throughput over the echo's (information, not a target). Needs wrk, taskset (util-linux) and
+two CPUs. Every run is bounded in time and every child is stopped by PID.
 """
 
 from __future__ import annotations
@@ -43,10 +43,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import service as bench
+from bench import echo, load, procs, report
+from bench.common import BLAS_THREADS, SPEC_A
+from bench.payloads import make_payloads, predict_path
+from propserve.clients import AsyncGrpcClient
 
+MODEL = "a"
 PLACEMENTS = ("free", "same core", "separate")
 BODIES = ("json", "b64")
+
+
+COLUMNS = [
+    report.Column("body", 5, report.cell_of("body"), left=True),
+    report.Column("placement", 10, report.cell_of("placement"), left=True),
+    report.Column("op", 7, report.cell_of("op"), left=True),
+    report.Column("req/s", 7, report.cell_of("throughput", report.rate)),
+    report.Column("p50 ms", 7, report.cell_of("p50_s", report.ms)),
+    report.Column("srv us/req", 10, report.cell_of("server_cpu_per_req_s", report.us)),
+    report.Column("wrk us/req", 10, report.cell_of("client_cpu_per_req_s", report.us)),
+    report.Column("ratio", 6, report.cell_of("ratio", report.ratio)),
+]
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -73,20 +89,21 @@ async def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         raise SystemExit("needs two CPUs")
     if shutil.which("taskset") is None:
         raise SystemExit("taskset is not installed (util-linux)")
-    payloads = bench.make_payloads(1)
+    payloads = make_payloads(MODEL, 1)
     body = {"json": payloads.rest, "b64": payloads.rest_b64}
-    budget = bench.Budget(0, args.seconds, 0)
-    children: list[bench.Child] = []
-    samples: dict[tuple[str, str, str], list[bench.Sample]] = {}
+    budget = load.Budget(0, args.seconds, 0)
+    children: list[procs.Child] = []
+    samples: dict[tuple[str, str, str], list[load.Sample]] = {}
     try:
-        server = bench.start_server(work, None)
+        server = procs.start_server(work, BLAS_THREADS)
         children.append(server)
-        echo = bench.start_echo("rest", work)
-        children.append(echo)
-        await bench.create_model(server)
+        rest_echo = echo.start_echo("rest", work)
+        children.append(rest_echo)
+        async with AsyncGrpcClient(f"127.0.0.1:{server.ports['grpc_port']}") as client:
+            await client.create_model(MODEL, SPEC_A)
         targets = [
-            ("echo", echo, "/echo"),
-            ("server", server, f"/v1/models/{bench.MODEL}/predict"),
+            ("echo", rest_echo, "/echo"),
+            ("server", server, predict_path(MODEL)),
         ]
         for turn in range(args.rounds):
             for kind in BODIES:
@@ -95,9 +112,9 @@ async def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                     for who, child, path in targets if turn % 2 == 0 else targets[::-1]:
                         target_cpus, wrk_cpus = placement_cpus(placement, allowed)
                         pin(child.pid, target_cpus)
-                        await bench.quiesce(child.pid)
+                        await procs.quiesce(child.pid)
                         sample = await asyncio.to_thread(
-                            bench.wrk_load,
+                            load.wrk_load,
                             wrk,
                             work,
                             child.ports["rest_port"],
@@ -117,7 +134,7 @@ async def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     for kind in BODIES:
         for placement in PLACEMENTS:
             rows = {
-                who: bench.summarize(bench.merge(samples[(kind, placement, who)]))
+                who: load.summarize(load.merge(samples[(kind, placement, who)]))
                 for who in ("echo", "server")
             }
             for who, stats in rows.items():
@@ -139,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds = 1, 1.0
-    info = bench.machine()
+    info = report.machine()
     import uvloop  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="propserve-placement-") as tmp:
@@ -148,27 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(json.dumps({**r, "machine": info}))
         return 0
-    print(
-        f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
-        f"numpy {info['numpy']}, kernel {info['kernel']}"
-    )
+    print(report.machine_line(info))
     print(
         f"wrk -t1 -c1, {args.rounds} interleaved turns of {args.seconds:g} s per case; "
         "baseline: the bare FastAPI echo in the same placement"
     )
-    header = (
-        f"{'body':<5} {'placement':<10} {'op':<7} {'req/s':>7} {'p50 ms':>7} "
-        f"{'srv us/req':>10} {'wrk us/req':>10} {'ratio':>6}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        ratio = f"{r['ratio']:.3f}" if r.get("ratio") is not None else "-"
-        print(
-            f"{r['body']:<5} {r['placement']:<10} {r['op']:<7} {r['throughput']:>7,.0f} "
-            f"{r['p50_s'] * 1e3:>7.3f} {r['server_cpu_per_req_s'] * 1e6:>10.1f} "
-            f"{r['client_cpu_per_req_s'] * 1e6:>10.1f} {ratio:>6}"
-        )
+    report.print_table(COLUMNS, results)
     by_placement: dict[str, list[float]] = {}
     for r in results:
         if r.get("ratio") is not None:

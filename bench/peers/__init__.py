@@ -1,0 +1,1 @@
+"""Benchmarks of propserve against other model servers."""
