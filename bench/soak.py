@@ -165,7 +165,7 @@ def error_code(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code().name
     if isinstance(exc, ClientError):
-        return exc.code
+        return exc.code.name
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, OSError):
