@@ -293,12 +293,22 @@ def create_app(
         """Errors the framework raises itself (unknown path, wrong method), in the API's
         envelope, with the framework's headers (Allow on a 405)."""
         code = wire.code_for_status(http=exc.status_code)
+        extra = dict(exc.headers or {})
         if exc.status_code == 405:
             code = wire.INVALID_ARGUMENT
+            # Every method the path takes (the framework names only its first route's).
+            methods = {
+                method
+                for pattern, operations in _operations(app.openapi())
+                if pattern.fullmatch(request.url.path)
+                for method in operations
+            }
+            if methods:
+                extra["allow"] = ", ".join(sorted(methods))
         return Response(
             error_body(code.name, str(exc.detail)),
             exc.status_code,
-            headers=dict(exc.headers or {}),
+            headers=extra,
             media_type="application/json",
         )
 

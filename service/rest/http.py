@@ -44,6 +44,8 @@ log = logging.getLogger("propserve.http")
 #: Body bytes buffered for an app that has not read them yet before the socket is paused.
 BODY_HIGH_WATER = 256 << 10
 _JSON = (b"content-type", b"application/json")
+#: Seconds a refused connection's further bytes are read and dropped before it is closed.
+LINGER_SECONDS = 2.0
 #: How often the deadlines of every connection are checked (seconds).
 SWEEP_INTERVAL = 0.5
 
@@ -195,6 +197,7 @@ class Connection(asyncio.Protocol):
         self.paused_reading = False
         self.writable: asyncio.Event | None = None
         self.closed = False
+        self.lingering = False
         self.close_after_answer = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -234,7 +237,7 @@ class Connection(asyncio.Protocol):
             self.writable = None
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.lingering:
             return
         if self.reading is None or self.in_headers:
             # A request's line and headers are counted before llhttp sees them: it would
@@ -388,7 +391,7 @@ class Connection(asyncio.Protocol):
         if self.answering is None:
             self.write_head_and_body(status, [_JSON], _error(status, message), keep_alive=False)
         self.server.refused(_code(status))
-        self._close()
+        self.linger()
 
     def _refuse_request(self, request: Request, status: int, message: str) -> None:
         """Answer a request the server will not hand to the app, in its turn, then close."""
@@ -397,7 +400,7 @@ class Connection(asyncio.Protocol):
         if self.answering is None or self.answering is request:
             self.answering = request
             self.write_head_and_body(status, [_JSON], _error(status, message), keep_alive=False)
-            self._close()
+            self.linger()
         else:
             request.refusal = (status, message)
             self.queued.append(request)
@@ -444,6 +447,23 @@ class Connection(asyncio.Protocol):
         """``request``'s app wants more of its body: let it in."""
         if request is self.reading and not self.queued:
             self._resume_reading()
+
+    def linger(self) -> None:
+        """Close after a refusal while the client may still be sending: end our side, then
+        read and drop what comes for up to LINGER_SECONDS, so that the client reads the
+        answer before the close (closing with unread bytes would reset the connection and
+        lose it)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self.lingering or not transport.can_write_eof():
+            self._close()
+            return
+        self.lingering = True
+        transport.write_eof()
+        self._resume_reading()
+        self.deadline = self.loop.time() + LINGER_SECONDS
+        self.deadline_status = 0
 
     def _close(self) -> None:
         self.deadline = None
@@ -518,8 +538,7 @@ class Request:
             connection.write_head_and_body(
                 status, [_JSON], _error(status, message), keep_alive=False
             )
-            self.keep_alive = False
-            connection.answered(self)
+            connection.linger()
             return
         try:
             await app(self.scope, self.receive, self.send)

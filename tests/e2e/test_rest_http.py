@@ -358,3 +358,50 @@ def test_a_large_body_goes_through_admission_control(tmp_path: Path) -> None:
         assert refused.json()["error"]["code"] == "resource_exhausted"
     finally:
         assert process.stop() == 0
+
+
+def test_a_malformed_request_is_a_400_and_the_connection_closes(server: ServerProcess) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 400 ")
+    body = json.loads(received.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "invalid_argument"
+
+
+def test_a_head_request_has_the_headers_and_no_body(server: ServerProcess) -> None:
+    with connect(server) as sock:
+        sock.sendall(
+            b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+    head, rest = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 405 ") or head.startswith(b"HTTP/1.1 200 ")
+    assert rest.startswith(b"HTTP/1.1 200 ")  # the next answer follows the head at once
+
+
+def test_a_pipelined_request_over_the_body_limit_is_refused_in_its_turn(tmp_path: Path) -> None:
+    process = start_server(tmp_path / "store", env={"PROPSERVE_MAX_MESSAGE_BYTES": "2048"})
+    try:
+        big = b"x" * 4096
+        with socket.create_connection(("127.0.0.1", process.rest_port), timeout=20) as sock:
+            sock.sendall(
+                b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+                b"POST /v1/models HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(big), big)
+            )
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+    finally:
+        assert process.stop() == 0
+    first, second = received.split(b"HTTP/1.1 ", 2)[1:]
+    assert first.startswith(b"200 ")
+    assert second.startswith(b"413 ")
+    assert b"exceeds the limit of 2,048" in second
