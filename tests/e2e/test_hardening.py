@@ -171,7 +171,8 @@ def test_client_text_never_rewrites_a_log_lines_fields(
             pb.GetModelRequest(name="nope"),
             metadata=(("authorization", f"Bearer {PREDICT_TOKEN}"), ("x-request-id", forged)),
         )
-    trailers = dict(refused.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+    error: Any = refused.value
+    trailers = {str(key): value for key, value in error.trailing_metadata() or ()}
     assert trailers["x-request-id"] != forged
     lines = log_lines(server)
     assert lines
