@@ -26,6 +26,9 @@ log = logging.getLogger("propserve.batching")
 #: about 60 rows of a 0.5M-parameter model, well under a millisecond.
 INLINE_MULTIPLY_ADDS = 1 << 25
 
+#: Lanes kept when idle, for the next queries on the same weights.
+MAX_IDLE_LANES = 64
+
 Waiter = asyncio.Future[Prediction]
 
 
@@ -109,7 +112,7 @@ class Batcher:
                 continue
             lane.running += 1
             work.add_done_callback(functools.partial(self._finished, key, lane, batch))
-        self._forget_if_idle(key, lane)
+        self._forget_idle()
 
     def _compute(self, queries: list[PredictQuery]) -> list[Prediction | Exception]:
         try:
@@ -133,11 +136,19 @@ class Batcher:
         if lane.queue and not lane.scheduled:
             lane.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush, key, lane)
-        self._forget_if_idle(key, lane)
+        self._forget_idle()
 
-    def _forget_if_idle(self, key: Any, lane: _Lane) -> None:
-        if not lane.queue and not lane.running and not lane.scheduled:
-            self._lanes.pop(key, None)
+    def _forget_idle(self) -> None:
+        """Idle lanes are kept for the next queries on the same weights while there are few;
+        beyond MAX_IDLE_LANES every idle one goes (their keys hold deleted models and
+        versions no longer cached alive)."""
+        if len(self._lanes) > MAX_IDLE_LANES:
+            for idle in [k for k, v in self._lanes.items() if not _busy(v)]:
+                del self._lanes[idle]
+
+
+def _busy(lane: _Lane) -> bool:
+    return bool(lane.queue or lane.running or lane.scheduled)
 
 
 def _resolve(

@@ -189,6 +189,8 @@ class Connection(asyncio.Protocol):
         self.queued: deque[Request] = deque()
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: bytes | None = None
+        self.expect_continue = False
         self.header_bytes = 0
         self.tail = b""
         self.in_headers = False
@@ -263,6 +265,8 @@ class Connection(asyncio.Protocol):
         self.in_headers = True
         self.url = b""
         self.headers = []
+        self.content_length = None
+        self.expect_continue = False
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.deadline_status = 408
 
@@ -270,7 +274,12 @@ class Connection(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        self.headers.append((name, value))
+        if name == b"content-length":
+            self.content_length = value
+        elif name == b"expect":
+            self.expect_continue = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
@@ -296,9 +305,9 @@ class Connection(asyncio.Protocol):
             "state": {},
         }
         keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
-        request = Request(self, scope, keep_alive)
+        request = Request(self, scope, keep_alive, self.expect_continue)
         self.reading = request
-        length = next((v for k, v in self.headers if k == b"content-length"), None)
+        length = self.content_length
         if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
             request.keep_alive = False
             self._refuse_request(
@@ -486,30 +495,32 @@ class Request:
     """One request's ASGI life: the body as it arrives, and the response as the app sends
     it."""
 
-    def __init__(self, connection: Connection, scope: Scope, keep_alive: bool) -> None:
+    # What a request starts with (most of it never changes for a small request).
+    buffered = 0
+    body_size = 0
+    body_complete = False
+    body_handed = False
+    body_arrived: asyncio.Event | None = None
+    gone = False
+    refused = False
+    refusal: tuple[int, str] | None = None
+    task: asyncio.Task[None] | None = None
+    started = False
+    finished = False
+    status = 200
+    #: The response's headers until its head is written.
+    head: list[tuple[bytes, bytes]] | None = None
+    chunked = False
+
+    def __init__(
+        self, connection: Connection, scope: Scope, keep_alive: bool, expect_continue: bool
+    ) -> None:
         self.connection = connection
         self.scope = scope
         self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
         self.method = scope["method"]
         self.body: list[bytes] = []
-        self.buffered = 0
-        self.body_size = 0
-        self.body_complete = False
-        self.body_handed = False
-        self.body_arrived: asyncio.Event | None = None
-        self.gone = False
-        self.refused = False
-        self.refusal: tuple[int, str] | None = None
-        self.task: asyncio.Task[None] | None = None
-        # Response state.
-        self.started = False
-        self.finished = False
-        self.status = 200
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunked = False
-        self.expect_continue = any(
-            k == b"expect" and v.lower() == b"100-continue" for k, v in scope["headers"]
-        )
 
     # -- from the connection ---------------------------------------------------------------
 
@@ -597,7 +608,7 @@ class Request:
                 raise RuntimeError("the response has started already")
             self.started = True
             self.status = int(message["status"])
-            self.headers = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers", ())]
+            self.head = list(message.get("headers", ()))  # names in lower case (ASGI)
             return
         if kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
@@ -605,14 +616,18 @@ class Request:
             raise RuntimeError("http.response.body before http.response.start")
         body = bytes(message.get("body", b""))
         more = bool(message.get("more_body", False))
-        if self.headers is not None:  # the first part: the head goes with it
-            headers, self.headers = self.headers, None  # type: ignore[assignment]
-            if any(k == b"connection" and v.lower() == b"close" for k, v in headers):
-                self.keep_alive = False
-            has_length = any(k == b"content-length" for k, v in headers)
+        head = self.head
+        if head is not None:  # the first part: the head goes with it
+            self.head = None
+            has_length = False
+            for name, value in head:
+                if name == b"content-length":
+                    has_length = True
+                elif name == b"connection" and value.lower() == b"close":
+                    self.keep_alive = False
             if not has_length and more:
                 self.chunked = True
-                headers.append((b"transfer-encoding", b"chunked"))
+                head.append((b"transfer-encoding", b"chunked"))
             head_only = self.method == "HEAD"
             payload = b"" if head_only else body
             if self.chunked and payload:
@@ -621,7 +636,7 @@ class Request:
                 payload += b"0\r\n\r\n"
             connection.write_head_and_body(
                 self.status,
-                headers,
+                head,
                 payload,
                 keep_alive=self.keep_alive and not connection.close_after_answer,
                 content_length=not has_length and not self.chunked and not head_only,

@@ -52,13 +52,14 @@ class PredictEndpoint:
         name: str = scope["path_params"]["name"]
         plane = self.plane
         call: Call | None = None
+        request_id = authorization = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = request_id or value.decode("latin-1")
+            elif key == b"authorization":
+                authorization = authorization or value.decode("latin-1")
         try:
-            call = plane.call(
-                "Predict",
-                "rest",
-                request_id=header(scope, b"x-request-id"),
-                authorization=header(scope, b"authorization"),
-            )
+            call = plane.call("Predict", "rest", request_id=request_id, authorization=authorization)
             with call:
                 if self.admission.is_large(scope):
                     async with self.admission.slot(scope):
