@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from propserve import wire
+from propserve.wire import StepResult
 
 
 class ClientError(Exception):
@@ -16,7 +17,14 @@ class ClientError(Exception):
 
     ``code`` is the wire code (``code.name`` e.g. "not_found"); ``status`` the transport's
     own (the gRPC status name or the HTTP status), for logs; ``request_id`` the id under
-    which the server logged the request, when it answered.
+    which the server logged the request, when it answered (None: the server did not, e.g.
+    an argument refused before sending, or no answer at all).
+
+    An error that stopped a ``train`` call says so in its message ("batches 0–4 applied
+    (step 6 → 11); stopped at batch 5: ..."); ``applied`` then holds the results of the
+    batches that stayed applied (the failing batch is number ``len(applied)``) and
+    ``reason`` the message without that context. Otherwise ``applied`` is None and
+    ``reason`` the message.
     """
 
     code: ClassVar[wire.Code] = wire.INTERNAL
@@ -28,6 +36,8 @@ class ClientError(Exception):
         self.message = message
         self.status = status
         self.request_id = request_id
+        self.reason = message
+        self.applied: tuple[StepResult, ...] | None = None
 
 
 class InvalidArgument(ClientError):
