@@ -43,6 +43,11 @@ _STATUS_CODES = {
 _ENUMS: dict[str, int] = {name: pb.DType.Value(f"DTYPE_{name.upper()}") for name in wire.DTYPES}
 _NAMES: dict[int, str] = {enum: name for name, enum in _ENUMS.items()}
 DEFAULT_MAX_MESSAGE = 64 << 20
+#: NOTE: what grpc.aio reports, in place of the server's status, when a stream's write
+#: fails because the server has just ended the call: a later batch was on its way when the
+#: server refused one. The server's code and reason are lost (grpc/grpc#36066; the blocking
+#: client is not affected).
+_CORE_LOST_STATUS = "Internal error from Core"
 
 
 def translate(exc: grpc.RpcError) -> errors.ClientError:
@@ -402,6 +407,13 @@ class AsyncGrpcClient(AsyncClient):
             async for response in call:
                 yield response
         except grpc.RpcError as exc:
-            raise translate(exc) from None
+            error = translate(exc)
+            if error.code is wire.INTERNAL and error.message == _CORE_LOST_STATUS:
+                error = errors.Internal(
+                    "the server ended the stream, and grpc.aio lost its reason: a batch was "
+                    "still being written as the stream ended (grpc/grpc#36066)",
+                    status=error.status,
+                )
+            raise error from None
         finally:
             call.cancel()

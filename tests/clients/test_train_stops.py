@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from propserve.clients import FailedPrecondition, GrpcClient, InvalidArgument
+from propserve.clients import ClientError, FailedPrecondition, GrpcClient, InvalidArgument
 from tests.clients.helpers import KINDS, SPECS, WAIT, batches_for, connect
 from tests.support.server import ServerProcess
 
@@ -38,19 +38,37 @@ def diverging() -> tuple[Any, Any]:
 def test_a_step_the_server_refuses_stops_the_run_and_says_what_stayed_applied(
     server: ServerProcess, name: str, kind: str
 ) -> None:
-    good = batches_for(SPEC, 3, seed=3)
+    good = batches_for(SPEC, 2, seed=3)
     with connect(kind, server) as client:
         with pytest.raises(FailedPrecondition) as caught:
-            client.train(name, [*good[:2], diverging(), good[2]])
+            client.train(name, [*good, diverging()])
         error = caught.value
         assert error.message.startswith("batches 0–1 applied (step 3 → 5); stopped at batch 2: ")
         assert error.message == str(error)
         assert error.message.endswith(error.reason) and "batch" not in error.reason
-        assert "not finite" in error.reason or "refused" in error.reason, error.reason
+        assert "refused" in error.reason, error.reason
         assert error.applied is not None
         assert [r.step for r in error.applied] == [4, 5]
         assert error.request_id is not None and error.status is not None
-        # The batches before it stayed applied; the refused one and those after it did not.
+        assert client.get_model(name).head_step == 5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batches_after_a_refused_one_are_not_applied(
+    server: ServerProcess, name: str, kind: str
+) -> None:
+    """The same with batches behind the refused one, already on their way.
+
+    Only the error's reason is left unchecked: grpc.aio may lose it when a write races the
+    stream's end (grpc/grpc#36066, see propserve.clients.grpc_client); what stayed applied
+    is known either way."""
+    good = batches_for(SPEC, 5, seed=3)
+    with connect(kind, server) as client:
+        with pytest.raises(ClientError) as caught:
+            client.train(name, [*good[:2], diverging(), *good[2:]])
+        error = caught.value
+        assert error.message.startswith("batches 0–1 applied (step 3 → 5); stopped at batch 2: ")
+        assert error.applied is not None and [r.step for r in error.applied] == [4, 5]
         assert client.get_model(name).head_step == 5
 
 
