@@ -1,0 +1,262 @@
+"""The client verbs of the ``propserve`` command: the parser, running a verb, exit codes.
+
+Every verb talks to a running server through propserve.clients (gRPC by default, REST with
+``--transport rest`` or with ``--rest URL`` alone), never to the store directly::
+
+    propserve models create digits --input-dim 64 --layers 64:relu,10 --optimizer adam
+    propserve models list [--json]
+    propserve train digits data.npz --epochs 5 --validation-split 0.1 --save
+    propserve predict digits rows.csv --label stable --output out.npy
+    propserve versions label digits stable 3
+
+Connection options go after the verb, before or after its arguments: ``--grpc HOST:PORT``,
+``--rest URL``, ``--transport``, ``--token`` (or ``PROPSERVE_TOKEN``), ``--tls``,
+``--ca-cert``, ``--timeout``, ``--json``.
+
+Exit codes: 0 success; 1 the server refused (unknown model, invalid argument, ...);
+2 bad usage or a bad local file or spec; 3 the server cannot be reached or timed out;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from propserve.clients import Client, errors
+from propserve.clients.cli import models, predict, train, versions
+from propserve.clients.cli.connection import (
+    DEFAULT_GRPC,
+    DEFAULT_REST,
+    address,
+    connect,
+    settle_connection,
+)
+from propserve.clients.cli.datafiles import UsageError
+from propserve.clients.cli.spec import DTYPES, LOSSES, OPTIMIZERS
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+
+def run(verb: Callable[[argparse.Namespace, Client], int], args: argparse.Namespace) -> int:
+    """Connect, run ``verb`` and turn every failure into one line on stderr and an exit code."""
+    settle_connection(args)
+    try:
+        client = connect(args)
+        try:
+            return verb(args, client)
+        finally:
+            client.close()
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (errors.Unavailable, errors.DeadlineExceeded) as exc:
+        where = f"{address(args)} ({args.transport})"
+        first = exc.message.splitlines()[0] if exc.message else exc.code.name
+        first = first.removeprefix("cannot reach the server: ")
+        if isinstance(exc, errors.DeadlineExceeded):
+            return _fail(f"no answer from the server at {where} in time: {first}", EXIT_UNREACHABLE)
+        return _fail(f"cannot reach the server at {where}: {first}", EXIT_UNREACHABLE)
+    except errors.ClientError as exc:
+        message = exc.message.splitlines()[0] if exc.message else exc.code.name.replace("_", " ")
+        return _fail(message, EXIT_REFUSED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); point stdout at nothing so exit is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as exc:
+        return _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_USAGE)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"propserve: {message}", file=sys.stderr)
+    return code
+
+
+def _verb(function: Callable[[argparse.Namespace, Client], int]) -> Callable[..., int]:
+    def handler(args: argparse.Namespace) -> int:
+        return run(function, args)
+
+    return handler
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every client verb takes (after the verb)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection")
+    group.add_argument("--grpc", metavar="HOST:PORT", help=f"gRPC address ({DEFAULT_GRPC})")
+    group.add_argument("--rest", metavar="URL", help=f"REST base URL ({DEFAULT_REST})")
+    group.add_argument(
+        "--transport",
+        choices=("grpc", "rest"),
+        help="which API to use (gRPC, or REST when only --rest is given)",
+    )
+    group.add_argument("--token", default=None, help="bearer token (default: $PROPSERVE_TOKEN)")
+    group.add_argument("--tls", action="store_true", help="use TLS for gRPC (REST: https URL)")
+    group.add_argument(
+        "--ca-cert", dest="ca_cert", type=Path, default=None, help="PEM CA file to trust (TLS)"
+    )
+    group.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    group.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    return parent
+
+
+def add_client_commands(sub: Any) -> None:
+    """Register models, train, predict and versions on ``propserve``'s subparsers."""
+    common = _common()
+
+    models_parser = sub.add_parser("models", help="create, list, show and delete models")
+    models_sub = models_parser.add_subparsers(
+        dest="models_command", required=True, metavar="ACTION"
+    )
+    create = models_sub.add_parser(
+        "create",
+        parents=[common],
+        help="create a model from a JSON spec file or flags",
+        description="Create a model. Flags override fields of --spec. Layers: UNITS[:ACT],... "
+        "(the last layer's activation defaults to what the loss needs).",
+    )
+    create.add_argument("name")
+    create.add_argument("--spec", metavar="FILE", help="JSON spec file ('-': stdin)")
+    create.add_argument("--input-dim", dest="input_dim", type=int)
+    create.add_argument("--layers", metavar="64:relu,10")
+    create.add_argument(
+        "--loss",
+        choices=LOSSES,
+        help="default softmax_cross_entropy",
+    )
+    create.add_argument("--optimizer", choices=OPTIMIZERS)
+    create.add_argument("--lr", type=float, help="learning rate")
+    create.add_argument("--dtype", choices=DTYPES)
+    create.add_argument("--seed", type=int)
+    create.add_argument("--retain", type=int, help="saved versions to keep")
+    create.add_argument(
+        "--autosave-every", dest="autosave_every", type=int, help="save every N steps (0: off)"
+    )
+    create.set_defaults(handler=_verb(models.create))
+    listing = models_sub.add_parser("list", parents=[common], help="list models")
+    listing.set_defaults(handler=_verb(models.listing))
+    show = models_sub.add_parser("show", parents=[common], help="show one model")
+    show.add_argument("name")
+    show.set_defaults(handler=_verb(models.show))
+    delete = models_sub.add_parser("delete", parents=[common], help="delete a model")
+    delete.add_argument("name")
+    delete.set_defaults(handler=_verb(models.delete))
+
+    train_parser = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train a model on a .npz or .csv file",
+        description="Train NAME on DATA: a .npz with arrays x (rows, features) and y (labels "
+        "or targets), renamed with --x-key/--y-key, or a .csv with --target-column. Prints "
+        "one line per epoch.",
+    )
+    train_parser.add_argument("name")
+    train_parser.add_argument("data", metavar="DATA")
+    train_parser.add_argument(
+        "--x-key", dest="x_key", default="x", help="inputs array in a .npz (x)"
+    )
+    train_parser.add_argument(
+        "--y-key", dest="y_key", default="y", help="targets array in a .npz (y)"
+    )
+    train_parser.add_argument(
+        "--target-column", dest="target_column", help="CSV target column: header name or index"
+    )
+    train_parser.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    train_parser.add_argument("--epochs", type=int, default=1)
+    train_parser.add_argument("--shuffle", action="store_true", help="shuffle the rows every epoch")
+    train_parser.add_argument(
+        "--seed", type=int, default=0, help="seed for shuffling and the split"
+    )
+    train_parser.add_argument(
+        "--validation-split",
+        dest="validation_split",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="hold out this fraction of rows and report val loss/accuracy each epoch",
+    )
+    train_parser.add_argument("--lr", type=float, help="learning rate for these steps")
+    train_parser.add_argument("--save", action="store_true", help="save a version at the end")
+    train_parser.add_argument(
+        "--save-every", dest="save_every", type=int, metavar="N", help="save every N steps"
+    )
+    train_parser.set_defaults(handler=_verb(train.train))
+
+    predict_parser = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="predict from a .npy/.npz/.csv/.json file or stdin",
+        description="Outputs for the rows in FILE (.npy, .npz, .csv, .json) or stdin (JSON or "
+        ".npy bytes), printed as JSON or written with --output.",
+    )
+    predict_parser.add_argument("name")
+    predict_parser.add_argument("file", nargs="?", metavar="FILE|-")
+    predict_parser.add_argument("--version", type=int)
+    predict_parser.add_argument("--label")
+    predict_parser.add_argument(
+        "--x-key", dest="x_key", default="x", help="inputs array in a .npz (x)"
+    )
+    predict_parser.add_argument("--output", "-o", type=Path, help="write the outputs to this .npy")
+    predict_parser.add_argument("--argmax", action="store_true", help="also print each row's class")
+    predict_parser.set_defaults(handler=_verb(predict.predict))
+
+    versions_parser = sub.add_parser(
+        "versions", help="list, save, label, unlabel and roll back versions"
+    )
+    versions_sub = versions_parser.add_subparsers(
+        dest="versions_command", required=True, metavar="ACTION"
+    )
+    vlist = versions_sub.add_parser("list", parents=[common], help="list saved versions")
+    vlist.add_argument("name")
+    vlist.set_defaults(handler=_verb(versions.listing))
+    vsave = versions_sub.add_parser("save", parents=[common], help="save the head as a version")
+    vsave.add_argument("name")
+    vsave.set_defaults(handler=_verb(versions.save))
+    vlabel = versions_sub.add_parser("label", parents=[common], help="point LABEL at VERSION")
+    vlabel.add_argument("name")
+    vlabel.add_argument("label")
+    vlabel.add_argument("version", type=int)
+    vlabel.set_defaults(handler=_verb(versions.label))
+    vunlabel = versions_sub.add_parser("unlabel", parents=[common], help="remove a label")
+    vunlabel.add_argument("name")
+    vunlabel.add_argument("label")
+    vunlabel.set_defaults(handler=_verb(versions.unlabel))
+    vrollback = versions_sub.add_parser(
+        "rollback", parents=[common], help="make a saved version the head"
+    )
+    vrollback.add_argument("name")
+    vrollback.add_argument("version", type=int, nargs="?")
+    vrollback.add_argument("--label")
+    vrollback.set_defaults(handler=_verb(versions.rollback))
+
+
+class Parser(argparse.ArgumentParser):
+    """Options and positionals in any order (``predict NAME --grpc ADDR FILE``).
+
+    NOTE: argparse matches positionals in runs between options, so an optional positional
+    (predict's FILE, rollback's VERSION) met at the end of a run is taken as absent, and what
+    follows the option is then "unrecognized". Intermixed parsing reads every option first.
+    It does not support subparsers, so a parser with subcommands parses as argparse does."""
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
