@@ -13,9 +13,18 @@ Connection options go after the verb, before or after its arguments: ``--grpc HO
 ``--rest URL``, ``--transport``, ``--token`` (or ``PROPSERVE_TOKEN``), ``--tls``,
 ``--ca-cert``, ``--timeout``, ``--json``.
 
-Exit codes: 0 success; 1 the server refused (unknown model, invalid argument, ...);
-2 bad usage or a bad local file or spec; 3 the server cannot be reached or timed out;
-130 interrupted.
+Errors are one line on stderr. The exit code says what kind of failure it was, whoever
+found it, so that checking a value in the CLI or the client instead of the server never
+changes it (also shown by ``--help``)::
+
+    0    done
+    1    refused for now or for you: an unknown model, version or label, a name taken,
+         a refused (diverging) training step, a token missing or without the role, a
+         limit, a busy server
+    2    wrong as given, wherever it was found: bad usage, a bad local file, spec or
+         value (every invalid_argument, from the CLI, the client or the server)
+    3    no answer: the server cannot be reached or did not answer in time
+    130  interrupted
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +55,17 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
 
+#: The exit codes, as every verb's --help states them (and this module's docstring).
+EXIT_CODES = """exit codes:
+    0    done
+    1    refused for now or for you: an unknown model, version or label, a name taken,
+         a refused (diverging) training step, a token missing or without the role, a
+         limit, a busy server
+    2    wrong as given, wherever it was found: bad usage, a bad local file, spec or
+         value (every invalid_argument, from the CLI, the client or the server)
+    3    no answer: the server cannot be reached or did not answer in time
+    130  interrupted"""
+
 
 def run(verb: Callable[[argparse.Namespace, Client], int], args: argparse.Namespace) -> int:
     """Connect, run ``verb`` and turn every failure into one line on stderr and an exit code."""
@@ -66,7 +87,8 @@ def run(verb: Callable[[argparse.Namespace, Client], int], args: argparse.Namesp
         return _fail(f"cannot reach the server at {where}: {first}", EXIT_UNREACHABLE)
     except errors.ClientError as exc:
         message = exc.message.splitlines()[0] if exc.message else exc.code.name.replace("_", " ")
-        return _fail(message, EXIT_REFUSED)
+        wrong = isinstance(exc, errors.InvalidArgument)
+        return _fail(message, EXIT_USAGE if wrong else EXIT_REFUSED)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:
@@ -110,6 +132,28 @@ def _common() -> argparse.ArgumentParser:
     return parent
 
 
+def _add_verb(
+    sub: Any,
+    name: str,
+    common: argparse.ArgumentParser,
+    verb: Callable[[argparse.Namespace, Client], int],
+    *,
+    help: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """A verb's parser: its help, the connection options, and the exit codes below."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        parents=[common],
+        help=help,
+        description=textwrap.fill(description or help[0].upper() + help[1:] + ".", 88),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=_verb(verb))
+    return parser
+
+
 def add_client_commands(sub: Any) -> None:
     """Register models, train, predict and versions on ``propserve``'s subparsers."""
     common = _common()
@@ -118,9 +162,11 @@ def add_client_commands(sub: Any) -> None:
     models_sub = models_parser.add_subparsers(
         dest="models_command", required=True, metavar="ACTION"
     )
-    create = models_sub.add_parser(
+    create = _add_verb(
+        models_sub,
         "create",
-        parents=[common],
+        common,
+        models.create,
         help="create a model from a JSON spec file or flags",
         description="Create a model. Flags override fields of --spec. Layers: UNITS[:ACT],... "
         "(the last layer's activation defaults to what the loss needs).",
@@ -129,11 +175,7 @@ def add_client_commands(sub: Any) -> None:
     create.add_argument("--spec", metavar="FILE", help="JSON spec file ('-': stdin)")
     create.add_argument("--input-dim", dest="input_dim", type=int)
     create.add_argument("--layers", metavar="64:relu,10")
-    create.add_argument(
-        "--loss",
-        choices=LOSSES,
-        help="default softmax_cross_entropy",
-    )
+    create.add_argument("--loss", choices=LOSSES, help="default softmax_cross_entropy")
     create.add_argument("--optimizer", choices=OPTIMIZERS)
     create.add_argument("--lr", type=float, help="learning rate")
     create.add_argument("--dtype", choices=DTYPES)
@@ -142,19 +184,17 @@ def add_client_commands(sub: Any) -> None:
     create.add_argument(
         "--autosave-every", dest="autosave_every", type=int, help="save every N steps (0: off)"
     )
-    create.set_defaults(handler=_verb(models.create))
-    listing = models_sub.add_parser("list", parents=[common], help="list models")
-    listing.set_defaults(handler=_verb(models.listing))
-    show = models_sub.add_parser("show", parents=[common], help="show one model")
+    _add_verb(models_sub, "list", common, models.listing, help="list models")
+    show = _add_verb(models_sub, "show", common, models.show, help="show one model")
     show.add_argument("name")
-    show.set_defaults(handler=_verb(models.show))
-    delete = models_sub.add_parser("delete", parents=[common], help="delete a model")
+    delete = _add_verb(models_sub, "delete", common, models.delete, help="delete a model")
     delete.add_argument("name")
-    delete.set_defaults(handler=_verb(models.delete))
 
-    train_parser = sub.add_parser(
+    train_parser = _add_verb(
+        sub,
         "train",
-        parents=[common],
+        common,
+        train.train,
         help="train a model on a .npz or .csv file",
         description="Train NAME on DATA: a .npz with arrays x (rows, features) and y (labels "
         "or targets), renamed with --x-key/--y-key, or a .csv with --target-column. Prints "
@@ -190,11 +230,12 @@ def add_client_commands(sub: Any) -> None:
     train_parser.add_argument(
         "--save-every", dest="save_every", type=int, metavar="N", help="save every N steps"
     )
-    train_parser.set_defaults(handler=_verb(train.train))
 
-    predict_parser = sub.add_parser(
+    predict_parser = _add_verb(
+        sub,
         "predict",
-        parents=[common],
+        common,
+        predict.predict,
         help="predict from a .npy/.npz/.csv/.json file or stdin",
         description="Outputs for the rows in FILE (.npy, .npz, .csv, .json) or stdin (JSON or "
         ".npy bytes), printed as JSON or written with --output.",
@@ -208,7 +249,6 @@ def add_client_commands(sub: Any) -> None:
     )
     predict_parser.add_argument("--output", "-o", type=Path, help="write the outputs to this .npy")
     predict_parser.add_argument("--argmax", action="store_true", help="also print each row's class")
-    predict_parser.set_defaults(handler=_verb(predict.predict))
 
     versions_parser = sub.add_parser(
         "versions", help="list, save, label, unlabel and roll back versions"
@@ -216,28 +256,25 @@ def add_client_commands(sub: Any) -> None:
     versions_sub = versions_parser.add_subparsers(
         dest="versions_command", required=True, metavar="ACTION"
     )
-    vlist = versions_sub.add_parser("list", parents=[common], help="list saved versions")
+    vlist = _add_verb(versions_sub, "list", common, versions.listing, help="list saved versions")
     vlist.add_argument("name")
-    vlist.set_defaults(handler=_verb(versions.listing))
-    vsave = versions_sub.add_parser("save", parents=[common], help="save the head as a version")
+    vsave = _add_verb(
+        versions_sub, "save", common, versions.save, help="save the head as a version"
+    )
     vsave.add_argument("name")
-    vsave.set_defaults(handler=_verb(versions.save))
-    vlabel = versions_sub.add_parser("label", parents=[common], help="point LABEL at VERSION")
+    vlabel = _add_verb(versions_sub, "label", common, versions.label, help="point LABEL at VERSION")
     vlabel.add_argument("name")
     vlabel.add_argument("label")
     vlabel.add_argument("version", type=int)
-    vlabel.set_defaults(handler=_verb(versions.label))
-    vunlabel = versions_sub.add_parser("unlabel", parents=[common], help="remove a label")
+    vunlabel = _add_verb(versions_sub, "unlabel", common, versions.unlabel, help="remove a label")
     vunlabel.add_argument("name")
     vunlabel.add_argument("label")
-    vunlabel.set_defaults(handler=_verb(versions.unlabel))
-    vrollback = versions_sub.add_parser(
-        "rollback", parents=[common], help="make a saved version the head"
+    vrollback = _add_verb(
+        versions_sub, "rollback", common, versions.rollback, help="make a saved version the head"
     )
     vrollback.add_argument("name")
     vrollback.add_argument("version", type=int, nargs="?")
     vrollback.add_argument("--label")
-    vrollback.set_defaults(handler=_verb(versions.rollback))
 
 
 class Parser(argparse.ArgumentParser):
@@ -249,11 +286,16 @@ class Parser(argparse.ArgumentParser):
     It does not support subparsers, so a parser with subcommands parses as argparse does."""
 
     _intermixing = False
+    _has_subcommands = False
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        self._has_subcommands = True
+        return super().add_subparsers(**kwargs)
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        if self._intermixing or self._subparsers is not None:
+        if self._intermixing or self._has_subcommands:
             return super().parse_known_args(args, namespace)
         self._intermixing = True
         try:

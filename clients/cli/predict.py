@@ -17,8 +17,6 @@ EXIT_OK = 0
 
 
 def predict(args: argparse.Namespace, client: Client) -> int:
-    if args.version is not None and args.label is not None:
-        raise UsageError("give --version or --label, not both")
     x = load_inputs(args.file, args.x_key)
     if x.ndim == 1:
         x = x.reshape(1, -1)

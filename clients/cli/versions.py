@@ -6,7 +6,6 @@ import argparse
 
 from propserve.clients import Client
 from propserve.clients.cli import output
-from propserve.clients.cli.datafiles import UsageError
 
 EXIT_OK = 0
 
@@ -63,8 +62,6 @@ def unlabel(args: argparse.Namespace, client: Client) -> int:
 
 
 def rollback(args: argparse.Namespace, client: Client) -> int:
-    if (args.version is None) == (args.label is None):
-        raise UsageError("rollback needs a VERSION or --label LABEL (one of them)")
     model = client.rollback(args.name, version=args.version, label=args.label)
     if args.json:
         output.print_json(output.model_json(model))

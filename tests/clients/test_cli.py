@@ -522,10 +522,67 @@ def test_bad_specs(cli: Cli, tmp_path: Path) -> None:
     for extra, message in local.items():
         code, _, err = cli("models", "create", "bad", *extra)
         assert code == 2 and message in err, (extra, err)
-    # The server's validator names the offending field.
+    # The server's validator names the offending field; a bad spec exits 2 wherever found.
     code, _, err = cli("models", "create", "bad", "--input-dim", "4", "--layers", "8:nope,3")
-    assert code == 1 and "spec.layers[0].activation" in err
+    assert code == 2 and "spec.layers[0].activation" in err
     assert "bad" not in [m["name"] for m in json.loads(cli.ok("models", "list", "--json"))]
+
+
+def test_exit_codes_follow_one_rule_whoever_finds_the_problem(cli: Cli, tmp_path: Path) -> None:
+    """2: wrong as given (the CLI's, the client's or the server's invalid_argument); 1:
+    refused for now or for you; 3 (test_server_down_is_one_line_and_exit_3): no answer."""
+    create(cli, "rule")
+    np.save(tmp_path / "x.npy", np.zeros((2, N_FEATURES), np.float32))
+    np.save(tmp_path / "wide.npy", np.zeros((2, N_FEATURES + 1), np.float32))
+    x, wide = str(tmp_path / "x.npy"), str(tmp_path / "wide.npy")
+    cases: list[tuple[tuple[str, ...], int, str]] = [
+        (("predict", "rule", str(tmp_path / "none.npy")), 2, "no such file"),  # the CLI
+        (("predict", "rule", x, "--version", "0"), 2, "version must be"),  # the client
+        (("predict", "rule", wide), 2, "features"),  # the server
+        (("models", "create", "x", "--input-dim", "4", "--layers", "4:nope,3"), 2, "spec."),
+        (("predict", "ghost", x), 1, "not found"),
+        (("predict", "rule", x, "--version", "7"), 1, "not found"),
+        (("models", "create", "rule", "--input-dim", "4", "--layers", "3"), 1, "exists"),
+        (("versions", "label", "rule", "stable", "7"), 1, "not found"),
+    ]
+    for transport in ("grpc", "rest"):
+        for argv, expected, message in cases:
+            code, out, err = cli(*argv, transport=transport)
+            assert (code, out) == (expected, ""), (transport, argv, err)
+            assert err.startswith("propserve: ") and err.count("\n") == 1, (argv, err)
+            assert message in err, (transport, argv, err)
+
+
+@pytest.mark.parametrize("version", ["-1", "0", str(2**70)])
+def test_versions_out_of_range_exit_2_with_one_line(
+    cli: Cli, client: GrpcClient, tmp_path: Path, version: str
+) -> None:
+    create(cli, f"range{version[:3].strip('-')}")
+    name = f"range{version[:3].strip('-')}"
+    client.save_version(name)
+    np.save(tmp_path / "x.npy", np.zeros((1, N_FEATURES), np.float32))
+    for argv in (
+        ("predict", name, str(tmp_path / "x.npy"), "--version", version),
+        ("versions", "label", name, "stable", version),
+        ("versions", "rollback", name, version),
+    ):
+        for transport in ("grpc", "rest"):
+            code, out, err = cli(*argv, transport=transport)
+            assert (code, out) == (2, ""), (argv, err)
+            assert err.startswith("propserve: version must be between 1 and "), (argv, err)
+            assert err.count("\n") == 1 and "Traceback" not in err
+    assert client.get_model(name).labels == {}
+
+
+def test_every_verbs_help_states_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    from propserve.clients.cli import main as cli_main  # noqa: PLC0415 - the module itself
+
+    for verb in (["train"], ["predict"], ["models", "create"], ["versions", "rollback"]):
+        with pytest.raises(SystemExit):
+            main([*verb, "--help"])
+        assert cli_main.EXIT_CODES in capsys.readouterr().out, verb
+    body = cli_main.EXIT_CODES.split("\n", 1)[1]
+    assert body in (cli_main.__doc__ or ""), "the module docstring states the same codes"
 
 
 def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
