@@ -9,7 +9,6 @@ clients (propserve.clients.client) only send what these describe.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -242,9 +241,7 @@ class TrainRun:
         prefix = _BATCH_PREFIX.match(reason)
         if prefix and int(prefix.group(1)) == len(self.results):
             reason = reason[prefix.end() :]
-        stopped = copy.copy(error)
-        stopped.message = stopped_message(self.results, reason)
-        stopped.args = (stopped.message,)
+        stopped = error.restated(stopped_message(self.results, reason))
         stopped.reason = reason
         stopped.applied = tuple(self.results)
         return stopped

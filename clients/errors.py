@@ -6,7 +6,8 @@ Transport exceptions (grpc.RpcError, httpx errors) never escape a client; they b
 
 from __future__ import annotations
 
-from typing import ClassVar
+import copy
+from typing import ClassVar, Self
 
 from propserve import wire
 from propserve.wire import StepResult
@@ -38,6 +39,14 @@ class ClientError(Exception):
         self.request_id = request_id
         self.reason = message
         self.applied: tuple[StepResult, ...] | None = None
+
+    def restated(self, message: str) -> Self:
+        """This error with another message (the same one with more context): its type,
+        status, request id and the rest are kept."""
+        error = copy.copy(self)
+        error.message = message
+        error.args = (message,)
+        return error
 
 
 class InvalidArgument(ClientError):

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from propserve.clients import Client, Progress, StepResult
+from propserve.clients import Client, Progress, StepResult, errors
+from propserve.clients.calls import stopped_message
 from propserve.clients.cli import output
-from propserve.clients.cli.datafiles import UsageError, as_targets, load_training_data
+from propserve.clients.cli.datafiles import UsageError, fit_to_model, load_training_data
 
 EXIT_OK = 0
 PREDICT_CHUNK = 4096
@@ -71,8 +72,7 @@ def train(args: argparse.Namespace, client: Client) -> int:
         raise UsageError("--save-every must be at least 1")
     x, y = load_training_data(args)
     spec = client.get_model(args.name).spec
-    x = x.astype(spec.get("dtype", "float32"), copy=False)
-    y = as_targets(y, spec)
+    x, y = fit_to_model(x, y, spec, args.data, args.name)
     rng = np.random.default_rng(args.seed)
     n_val = round(len(x) * args.validation_split)
     if args.validation_split and not 0 < n_val < len(x):
@@ -95,9 +95,15 @@ def train(args: argparse.Namespace, client: Client) -> int:
         start = time.perf_counter()
         results: list[StepResult] = []
         for chunk in _save_chunks(batches, steps, args.save_every):
-            results += client.train(
-                args.name, chunk, learning_rate=args.lr, progress=progress if live else False
-            )
+            try:
+                results += client.train(
+                    args.name, chunk, learning_rate=args.lr, progress=progress if live else False
+                )
+            except errors.ClientError as exc:
+                if exc.applied is None:
+                    raise
+                applied = results + list(exc.applied)
+                raise _stopped(exc, applied, epoch, args.epochs, saved) from None
             steps += len(chunk)
             if args.save_every and steps % args.save_every == 0:
                 saved.append(client.save_version(args.name).version)
@@ -118,6 +124,20 @@ def train(args: argparse.Namespace, client: Client) -> int:
     elif saved:
         print(f"saved version{'s' if len(saved) > 1 else ''} {', '.join(map(str, saved))}")
     return EXIT_OK
+
+
+def _stopped(
+    error: errors.ClientError,
+    applied: list[StepResult],
+    epoch: int,
+    epochs: int,
+    saved: list[int],
+) -> errors.ClientError:
+    """A stopped run's error, its batches numbered within the epoch (and the epoch named
+    when there are several), with the versions saved before it."""
+    where = f"epoch {epoch}/{epochs}: " if epochs > 1 else ""
+    kept = f" (saved before it: version {', '.join(map(str, saved))})" if saved else ""
+    return error.restated(f"{where}{stopped_message(applied, error.reason)}{kept}")
 
 
 def _save_chunks(

@@ -590,3 +590,86 @@ def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> Non
         main(["models", "create"])
     assert stopped.value.code == 2
     assert "the following arguments are required: name" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a bad file trains nothing
+
+
+def test_a_bad_file_is_refused_before_the_first_step(
+    cli: Cli, client: GrpcClient, tmp_path: Path
+) -> None:
+    """Checked against the model's spec before anything is sent: nothing is trained."""
+    x, y = blobs(12, seed=7)
+    create(cli, "checked")
+    label10 = y.copy()
+    label10[3] = 10
+    fractional = y.astype(np.float64)
+    fractional[5] = 1.5
+    nan = x.copy()
+    nan[4, 2] = np.nan
+    huge = x.astype(np.float64)
+    huge[6, 1] = 1e39  # finite, but not as the model's float32
+    files = {
+        "label10.npz": (
+            (x, label10),
+            "class label 10 at row 3 is out of range [0, 3) for model checked",
+        ),
+        "fractional.npz": ((x, fractional), "class labels must be whole numbers, row 5 has 1.5"),
+        "nan.npz": ((nan, y), "inputs hold a non-finite value (nan) at row 4, column 2"),
+        "huge.npz": ((huge, y), "inputs hold a non-finite value (inf) at row 6, column 1"),
+        "wide.npz": (
+            (np.ones((12, 5)), y),
+            "inputs have 5 features per row, model checked takes 4",
+        ),
+        "onehot.npz": (
+            (x, np.ones((12, 4))),
+            "targets must be class labels (rows,) or probabilities (rows, 3) for model checked, "
+            "got shape (12, 4)",
+        ),
+    }
+    for file, ((fx, fy), message) in files.items():
+        np.savez(tmp_path / file, x=fx, y=fy)
+        for transport in ("grpc", "rest"):
+            argv = ("train", "checked", str(tmp_path / file), "--batch-size", "2")
+            code, out, err = cli(*argv, transport=transport)
+            assert (code, out) == (2, ""), (file, err)
+            assert (
+                err
+                == f"propserve: bad data file {tmp_path / file}: {message}; nothing was trained\n"
+            )
+    assert client.get_model("checked").head_step == 0
+
+
+def test_a_refusal_midway_says_which_batches_stayed_applied(
+    cli: Cli, client: GrpcClient, tmp_path: Path
+) -> None:
+    """A refusal no local check can foresee: finite targets whose squared error is not."""
+    cli.ok("models", "create", "midway", "--input-dim", "4", "--layers", "3", "--loss", "mse",
+           "--dtype", "float64")  # fmt: skip
+    x = np.random.default_rng(8).normal(size=(6, 4))
+    y = np.zeros((6, 3))
+    y[2:4] = 1e200
+    np.savez(tmp_path / "midway.npz", x=x, y=y)
+    data = str(tmp_path / "midway.npz")
+    for step, transport in enumerate(("grpc", "rest")):
+        code, out, err = cli("train", "midway", data, "--batch-size", "2", transport=transport)
+        assert (code, out) == (1, ""), err
+        prefix = f"propserve: batches 0–0 applied (step {step} → {step + 1}); stopped at batch 1: "
+        assert err.startswith(prefix) and "refused" in err and err.count("\n") == 1, err
+        assert "batch 1: batch" not in err
+    assert client.get_model("midway").head_step == 2
+
+    # Several epochs: the epoch is named, and so are the versions saved before the refusal.
+    y[2:4] = 0.0
+    y[4:] = 1e200
+    np.savez(tmp_path / "later.npz", x=x, y=y)
+    code, _, err = cli(
+        "train", "midway", str(tmp_path / "later.npz"), "--batch-size", "2", "--epochs", "2",
+        "--save-every", "1",
+    )  # fmt: skip
+    assert code == 1
+    assert err.startswith(
+        "propserve: epoch 1/2: batches 0–1 applied (step 2 → 4); stopped at batch 2: "
+    ), err
+    assert err.rstrip().endswith("(saved before it: version 1, 2)"), err
+    assert client.get_model("midway").head_step == 4
