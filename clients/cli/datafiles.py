@@ -68,12 +68,32 @@ def _column_index(header: list[str] | None, column: str, width: int, path: Path)
     return index % width
 
 
+#: How .npy files begin (numpy.lib.format); .npz files are zip archives of them.
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _load_npz(path: Path, keys: Sequence[str]) -> list[NDArray[Any]]:
+    # NOTE: look before np.load: on a file that is not an archive it tries to unpickle it
+    # (and refuses with a message about pickles), and on a .npy it returns an array.
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(len(_NPY_MAGIC))
+        archive_like = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if start == _NPY_MAGIC:
+        raise UsageError(
+            f"bad .npz file {path}: it is a single array (.npy, from numpy.save); "
+            "an .npz holds named arrays (numpy.savez)"
+        )
+    if not archive_like:
+        raise UsageError(
+            f"bad .npz file {path}: not an .npz archive (a zip of named arrays, as "
+            "numpy.savez writes)"
+        )
     try:
         # NOTE: open the file ourselves: np.load leaks its handle when the zip is corrupt.
         with path.open("rb") as handle, np.load(handle, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise UsageError(f"bad .npz file {path}: it holds a single array")
             missing = [k for k in keys if k not in archive.files]
             if missing:
                 raise UsageError(
@@ -201,7 +221,7 @@ def load_inputs(source: str | None, x_key: str) -> NDArray[Any]:
     """
     if source is None or source == "-":
         raw = sys.stdin.buffer.read()
-        if raw.startswith(b"\x93NUMPY"):
+        if raw.startswith(_NPY_MAGIC):
             try:
                 return np.asarray(np.load(io.BytesIO(raw), allow_pickle=False))
             except (ValueError, EOFError) as exc:
@@ -214,6 +234,11 @@ def load_inputs(source: str | None, x_key: str) -> NDArray[Any]:
     if suffix == ".npy":
         try:
             with path.open("rb") as handle:
+                if handle.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+                    raise UsageError(
+                        f"bad .npy file {path}: not a NumPy array file (as numpy.save writes)"
+                    )
+                handle.seek(0)
                 return np.asarray(np.load(handle, allow_pickle=False))
         except (OSError, ValueError, EOFError) as exc:
             raise UsageError(f"bad .npy file {path}: {exc}") from None

@@ -44,6 +44,7 @@ from propserve.clients.cli.connection import (
     DEFAULT_REST,
     address,
     connect,
+    seconds,
     settle_connection,
 )
 from propserve.clients.cli.datafiles import UsageError
@@ -69,8 +70,8 @@ EXIT_CODES = """exit codes:
 
 def run(verb: Callable[[argparse.Namespace, Client], int], args: argparse.Namespace) -> int:
     """Connect, run ``verb`` and turn every failure into one line on stderr and an exit code."""
-    settle_connection(args)
     try:
+        settle_connection(args)
         client = connect(args)
         try:
             return verb(args, client)
@@ -115,8 +116,10 @@ def _common() -> argparse.ArgumentParser:
     """Options every client verb takes (after the verb)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
-    group.add_argument("--grpc", metavar="HOST:PORT", help=f"gRPC address ({DEFAULT_GRPC})")
-    group.add_argument("--rest", metavar="URL", help=f"REST base URL ({DEFAULT_REST})")
+    group.add_argument(
+        "--grpc", metavar="HOST:PORT", help=f"gRPC address (default: {DEFAULT_GRPC})"
+    )
+    group.add_argument("--rest", metavar="URL", help=f"REST base URL (default: {DEFAULT_REST})")
     group.add_argument(
         "--transport",
         choices=("grpc", "rest"),
@@ -127,7 +130,9 @@ def _common() -> argparse.ArgumentParser:
     group.add_argument(
         "--ca-cert", dest="ca_cert", type=Path, default=None, help="PEM CA file to trust (TLS)"
     )
-    group.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    group.add_argument(
+        "--timeout", type=seconds, default=30.0, help="seconds per call (default: %(default)s)"
+    )
     group.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     return parent
 
@@ -146,7 +151,7 @@ def _add_verb(
         name,
         parents=[common],
         help=help,
-        description=textwrap.fill(description or help[0].upper() + help[1:] + ".", 88),
+        description=textwrap.fill(description or help[0].upper() + help[1:] + ".", 78),
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -203,19 +208,27 @@ def add_client_commands(sub: Any) -> None:
     train_parser.add_argument("name")
     train_parser.add_argument("data", metavar="DATA")
     train_parser.add_argument(
-        "--x-key", dest="x_key", default="x", help="inputs array in a .npz (x)"
+        "--x-key", dest="x_key", default="x", help="inputs array in a .npz (default: %(default)s)"
     )
     train_parser.add_argument(
-        "--y-key", dest="y_key", default="y", help="targets array in a .npz (y)"
+        "--y-key", dest="y_key", default="y", help="targets array in a .npz (default: %(default)s)"
     )
     train_parser.add_argument(
         "--target-column", dest="target_column", help="CSV target column: header name or index"
     )
-    train_parser.add_argument("--batch-size", dest="batch_size", type=int, default=32)
-    train_parser.add_argument("--epochs", type=int, default=1)
+    train_parser.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=32,
+        help="rows per training step (default: %(default)s)",
+    )
+    train_parser.add_argument(
+        "--epochs", type=int, default=1, help="passes over the rows (default: %(default)s)"
+    )
     train_parser.add_argument("--shuffle", action="store_true", help="shuffle the rows every epoch")
     train_parser.add_argument(
-        "--seed", type=int, default=0, help="seed for shuffling and the split"
+        "--seed", type=int, default=0, help="seed of shuffling and the split (default: %(default)s)"
     )
     train_parser.add_argument(
         "--validation-split",
@@ -223,12 +236,19 @@ def add_client_commands(sub: Any) -> None:
         type=float,
         default=0.0,
         metavar="FRACTION",
-        help="hold out this fraction of rows and report val loss/accuracy each epoch",
+        help="hold out this fraction of rows and report val loss/accuracy each epoch "
+        "(default: %(default)s, none)",
     )
-    train_parser.add_argument("--lr", type=float, help="learning rate for these steps")
+    train_parser.add_argument(
+        "--lr", type=float, help="learning rate for these steps (default: the model's own)"
+    )
     train_parser.add_argument("--save", action="store_true", help="save a version at the end")
     train_parser.add_argument(
-        "--save-every", dest="save_every", type=int, metavar="N", help="save every N steps"
+        "--save-every",
+        dest="save_every",
+        type=int,
+        metavar="N",
+        help="save a version every N steps (default: never; see --save)",
     )
 
     predict_parser = _add_verb(
@@ -245,7 +265,7 @@ def add_client_commands(sub: Any) -> None:
     predict_parser.add_argument("--version", type=int)
     predict_parser.add_argument("--label")
     predict_parser.add_argument(
-        "--x-key", dest="x_key", default="x", help="inputs array in a .npz (x)"
+        "--x-key", dest="x_key", default="x", help="inputs array in a .npz (default: %(default)s)"
     )
     predict_parser.add_argument("--output", "-o", type=Path, help="write the outputs to this .npy")
     predict_parser.add_argument("--argmax", action="store_true", help="also print each row's class")

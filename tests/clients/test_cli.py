@@ -673,3 +673,74 @@ def test_a_refusal_midway_says_which_batches_stayed_applied(
     ), err
     assert err.rstrip().endswith("(saved before it: version 1, 2)"), err
     assert client.get_model("midway").head_step == 4
+
+
+# ---------------------------------------------------------------- small things
+
+
+def test_files_that_are_not_what_their_name_says(cli: Cli, tmp_path: Path) -> None:
+    create(cli, "named")
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    np.save(tmp_path / "array.npy", np.zeros((2, N_FEATURES)))
+    (tmp_path / "array.npy").rename(tmp_path / "single.npz")
+    (tmp_path / "text.npy").write_text("1,2,3,4\n")
+    cases = {
+        ("train", "named", "text.npz"): "bad .npz file {}: not an .npz archive (a zip of "
+        "named arrays, as numpy.savez writes)",
+        ("predict", "named", "text.npz"): "bad .npz file {}: not an .npz archive",
+        ("train", "named", "single.npz"): "bad .npz file {}: it is a single array (.npy, "
+        "from numpy.save); an .npz holds named arrays (numpy.savez)",
+        ("predict", "named", "text.npy"): "bad .npy file {}: not a NumPy array file",
+    }
+    for (*argv, file), message in cases.items():
+        code, out, err = cli(*argv, str(tmp_path / file))
+        assert (code, out) == (2, ""), (file, err)
+        assert err.startswith("propserve: " + message.format(tmp_path / file)), err
+        assert err.count("\n") == 1 and "pickle" not in err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_must_be_a_positive_number_of_seconds(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["models", "list", "--timeout", timeout])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --timeout: must be a positive number of seconds, got '{timeout}'" in err
+
+
+@pytest.mark.parametrize("rest", ["localhost:8000", "127.0.0.1:8000"])
+def test_a_rest_address_without_its_scheme_is_bad_usage_with_a_hint(
+    rest: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "list", "--rest", rest]) == 2
+    assert capsys.readouterr().err == (
+        f"propserve: --rest {rest} is not a URL: add the scheme, e.g. --rest http://{rest} "
+        "(or https://)\n"
+    )
+    assert main(["models", "list", "--rest", "ftp://host:8000", "--grpc", "localhost:1"]) == 2
+    assert capsys.readouterr().err == (
+        "propserve: --rest ftp://host:8000: the REST API is http:// or https://\n"
+    )
+
+
+def test_train_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for option, default in {
+        "--x-key X_KEY": "x",
+        "--y-key Y_KEY": "y",
+        "--batch-size BATCH_SIZE": "32",
+        "--epochs EPOCHS": "1",
+        "--seed SEED": "0",
+        "--validation-split FRACTION": "0.0",
+        "--lr LR": "the model's own",
+        "--save-every N": "never",
+        "--timeout TIMEOUT": "30.0",
+        "--grpc HOST:PORT": "127.0.0.1:50051",
+        "--rest URL": "http://127.0.0.1:8000",
+    }.items():
+        described = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {default}" in described, (option, described)
