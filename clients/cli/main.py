@@ -42,6 +42,7 @@ from propserve.clients.cli import models, predict, train, versions
 from propserve.clients.cli.connection import (
     DEFAULT_GRPC,
     DEFAULT_REST,
+    TRANSPORTS,
     address,
     connect,
     seconds,
@@ -117,13 +118,18 @@ def _common() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
     group.add_argument(
-        "--grpc", metavar="HOST:PORT", help=f"gRPC address (default: {DEFAULT_GRPC})"
+        "--grpc",
+        metavar="HOST:PORT",
+        help=f"gRPC address (default: $PROPSERVE_GRPC or {DEFAULT_GRPC})",
     )
-    group.add_argument("--rest", metavar="URL", help=f"REST base URL (default: {DEFAULT_REST})")
+    group.add_argument(
+        "--rest", metavar="URL", help=f"REST base URL (default: $PROPSERVE_REST or {DEFAULT_REST})"
+    )
     group.add_argument(
         "--transport",
-        choices=("grpc", "rest"),
-        help="which API to use (gRPC, or REST when only --rest is given)",
+        choices=TRANSPORTS,
+        help="which API to use (default: rest when only --rest is given, else "
+        "$PROPSERVE_TRANSPORT or grpc)",
     )
     group.add_argument("--token", default=None, help="bearer token (default: $PROPSERVE_TOKEN)")
     group.add_argument("--tls", action="store_true", help="use TLS for gRPC (REST: https URL)")

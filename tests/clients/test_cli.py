@@ -739,8 +739,33 @@ def test_train_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> No
         "--lr LR": "the model's own",
         "--save-every N": "never",
         "--timeout TIMEOUT": "30.0",
-        "--grpc HOST:PORT": "127.0.0.1:50051",
-        "--rest URL": "http://127.0.0.1:8000",
+        "--grpc HOST:PORT": "$PROPSERVE_GRPC or 127.0.0.1:50051",
+        "--rest URL": "$PROPSERVE_REST or http://127.0.0.1:8000",
     }.items():
         described = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
         assert f"(default: {default}" in described, (option, described)
+
+
+def test_the_connection_comes_from_flags_then_the_environment(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("PROPSERVE_GRPC", server.grpc_target)
+    monkeypatch.setenv("PROPSERVE_REST", server.rest_url)
+    for transport in ("grpc", "rest"):
+        monkeypatch.setenv("PROPSERVE_TRANSPORT", transport)
+        assert main(["models", "list", "--json"]) == 0
+        # A flag wins over the environment.
+        assert main(["models", "list", "--grpc", dead, "--rest", f"http://{dead}"]) == 3
+        where = dead if transport == "grpc" else f"http://{dead}"
+        assert f"cannot reach the server at {where} ({transport})" in capsys.readouterr().err
+    monkeypatch.setenv("PROPSERVE_TRANSPORT", "carrier-pigeon")
+    assert main(["models", "list"]) == 2
+    assert "PROPSERVE_TRANSPORT=carrier-pigeon is not one of grpc, rest" in capsys.readouterr().err
+    monkeypatch.delenv("PROPSERVE_TRANSPORT")
+    monkeypatch.setenv("PROPSERVE_REST", "localhost:8000")
+    assert main(["models", "list", "--transport", "rest"]) == 2
+    assert capsys.readouterr().err == (
+        "propserve: PROPSERVE_REST=localhost:8000 is not a URL: add the scheme, e.g. "
+        "PROPSERVE_REST=http://localhost:8000 (or https://)\n"
+    )
