@@ -227,7 +227,8 @@ class TrainRun:
 
     def record(self, reply: Any) -> None:
         """One step's reply, in order."""
-        assert self._read is not None  # a reply comes after its request
+        if self._read is None:
+            raise ClientError("the server answered a training step before any was sent")
         result = self._read(reply)
         self.results.append(result)
         if self._display is not None:
