@@ -49,7 +49,7 @@ from propserve.clients.cli.connection import (
     settle_connection,
 )
 from propserve.clients.cli.datafiles import UsageError
-from propserve.clients.cli.spec import DTYPES, LOSSES, OPTIMIZERS
+from propserve.clients.cli.spec import ACTIVATIONS, DTYPES, LOSSES, OPTIMIZERS
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -185,7 +185,11 @@ def add_client_commands(sub: Any) -> None:
     create.add_argument("name")
     create.add_argument("--spec", metavar="FILE", help="JSON spec file ('-': stdin)")
     create.add_argument("--input-dim", dest="input_dim", type=int)
-    create.add_argument("--layers", metavar="64:relu,10")
+    create.add_argument(
+        "--layers",
+        metavar="64:relu,10",
+        help=f"UNITS[:ACTIVATION],... with activations {', '.join(ACTIVATIONS)}",
+    )
     create.add_argument("--loss", choices=LOSSES, help="default softmax_cross_entropy")
     create.add_argument("--optimizer", choices=OPTIMIZERS)
     create.add_argument("--lr", type=float, help="learning rate")

@@ -14,6 +14,9 @@ from typing import Any
 
 from propserve.clients.cli.datafiles import UsageError
 
+#: Activations of any layer; softmax only as the output of softmax_cross_entropy.
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
+OUTPUT_ONLY = ("softmax",)
 LOSSES = ("softmax_cross_entropy", "binary_cross_entropy", "mse")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DTYPES = ("float32", "float64")

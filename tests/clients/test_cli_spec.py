@@ -11,5 +11,7 @@ def test_the_flags_offer_the_engines_choices() -> None:
     assert set(spec.LOSSES) == set(engine.LOSS_OUTPUTS)
     assert set(spec.OPTIMIZERS) == set(engine.OPTIMIZERS)
     assert set(spec.DTYPES) == set(engine.DTYPES)
+    assert set(spec.ACTIVATIONS) == set(engine.HIDDEN_ACTIVATIONS)
+    assert set(spec.ACTIVATIONS + spec.OUTPUT_ONLY) == set(engine.OUTPUT_ACTIVATIONS)
     # The default loss is one of them, and listed first (as --help shows it).
     assert spec.LOSSES[0] == "softmax_cross_entropy"
