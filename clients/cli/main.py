@@ -10,8 +10,9 @@ Every verb talks to a running server through propserve.clients (gRPC by default,
     propserve versions label digits stable 3
 
 Connection options go after the verb, before or after its arguments: ``--grpc HOST:PORT``,
-``--rest URL``, ``--transport``, ``--token`` (or ``PROPSERVE_TOKEN``), ``--tls``,
-``--ca-cert``, ``--timeout``, ``--json``.
+``--rest URL``, ``--transport``, ``--token``, ``--tls``, ``--ca-cert``, ``--timeout``,
+``--json``. The first four default to PROPSERVE_GRPC, PROPSERVE_REST, PROPSERVE_TRANSPORT
+and PROPSERVE_TOKEN (see propserve.clients.cli.connection).
 
 Errors are one line on stderr. The exit code says what kind of failure it was, whoever
 found it, so that checking a value in the CLI or the client instead of the server never
