@@ -9,12 +9,15 @@
     with RestClient("http://127.0.0.1:8000") as client:
         probabilities = client.predict("digits", x).outputs
 
-Errors are this package's own (:mod:`clients.errors`), never transport exceptions. The
-package speaks only the wire: it imports nothing from the server or the engine.
+The four share one implementation (:mod:`propserve.clients.client`): ``Client`` and
+``AsyncClient`` are their common types. Errors are this package's own
+(:mod:`propserve.clients.errors`), never transport exceptions, and carry the server's request
+id. The package speaks only the wire: it imports nothing from the server or the engine.
 """
 
 from propserve.clients._progress import Progress
 from propserve.clients._retry import RetryPolicy
+from propserve.clients.client import AsyncClient, Client
 from propserve.clients.errors import (
     AlreadyExists,
     ClientError,
@@ -36,8 +39,10 @@ from propserve.clients.types import Model, Prediction, StepResult, Version
 
 __all__ = [
     "AlreadyExists",
+    "AsyncClient",
     "AsyncGrpcClient",
     "AsyncRestClient",
+    "Client",
     "ClientError",
     "DataLoss",
     "DeadlineExceeded",

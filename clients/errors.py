@@ -6,9 +6,11 @@ Transport exceptions (grpc.RpcError, httpx errors) never escape a client; they b
 
 from __future__ import annotations
 
-from typing import ClassVar
+import copy
+from typing import ClassVar, Self
 
 from propserve import wire
+from propserve.wire import StepResult
 
 
 class ClientError(Exception):
@@ -16,7 +18,14 @@ class ClientError(Exception):
 
     ``code`` is the wire code (``code.name`` e.g. "not_found"); ``status`` the transport's
     own (the gRPC status name or the HTTP status), for logs; ``request_id`` the id under
-    which the server logged the request, when it answered.
+    which the server logged the request, when it answered (None: the server did not, e.g.
+    an argument refused before sending, or no answer at all).
+
+    An error that stopped a ``train`` call says so in its message ("batches 0–4 applied
+    (step 6 → 11); stopped at batch 5: ..."); ``applied`` then holds the results of the
+    batches that stayed applied (the failing batch is number ``len(applied)``) and
+    ``reason`` the message without that context. Otherwise ``applied`` is None and
+    ``reason`` the message.
     """
 
     code: ClassVar[wire.Code] = wire.INTERNAL
@@ -28,6 +37,16 @@ class ClientError(Exception):
         self.message = message
         self.status = status
         self.request_id = request_id
+        self.reason = message
+        self.applied: tuple[StepResult, ...] | None = None
+
+    def restated(self, message: str) -> Self:
+        """This error with another message (the same one with more context): its type,
+        status, request id and the rest are kept."""
+        error = copy.copy(self)
+        error.message = message
+        error.args = (message,)
+        return error
 
 
 class InvalidArgument(ClientError):

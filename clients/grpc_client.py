@@ -1,15 +1,18 @@
 """gRPC clients: :class:`GrpcClient` (blocking) and :class:`AsyncGrpcClient` (asyncio).
 
 Tensors travel as shape + dtype + little-endian bytes. ``train`` streams batches over the
-bidirectional ``Train`` call and returns one result per batch.
+bidirectional ``Train`` call; the stream has no deadline (an epoch may outlast one call's
+timeout). The methods are propserve.clients.client's; this module holds the codec (the
+messages) and each flavour's I/O.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -18,11 +21,15 @@ from numpy.typing import NDArray
 
 from propserve import wire
 from propserve.clients import errors
-from propserve.clients._progress import Progress
-from propserve.clients._retry import NO_RETRY, RetryPolicy
-from propserve.clients.types import Model, Prediction, StepResult, Version, as_array
+from propserve.clients._retry import RetryPolicy
+from propserve.clients.arguments import DTYPE_NAMES, to_json
+from propserve.clients.calls import Call
+from propserve.clients.client import AsyncClient, Client
+from propserve.clients.types import Model, Prediction, StepResult, Version
 from propserve.v1 import model_service_pb2 as pb
 from propserve.v1 import model_service_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 #: Statuses the server never answers with, mapped to what they mean to a caller.
 _STATUS_CODES = {
@@ -32,19 +39,20 @@ _STATUS_CODES = {
     # idempotent calls, like UNAVAILABLE.
     "CANCELLED": wire.UNAVAILABLE,
 }
-_DTYPES: dict[np.dtype[Any], pb.DType] = {
-    np.dtype("<f4"): pb.DTYPE_FLOAT32,
-    np.dtype("<f8"): pb.DTYPE_FLOAT64,
-    np.dtype("<i4"): pb.DTYPE_INT32,
-    np.dtype("<i8"): pb.DTYPE_INT64,
-}
-_NUMPY: dict[int, np.dtype[Any]] = {enum: dtype for dtype, enum in _DTYPES.items()}
+#: The proto's enum value of each wire dtype (DTYPE_FLOAT32, ...), and back.
+_ENUMS: dict[str, int] = {name: pb.DType.Value(f"DTYPE_{name.upper()}") for name in wire.DTYPES}
+_NAMES: dict[int, str] = {enum: name for name, enum in _ENUMS.items()}
 DEFAULT_MAX_MESSAGE = 64 << 20
+#: NOTE: what grpc.aio reports, in place of the server's status, when a stream's write
+#: fails because the server has just ended the call: a later batch was on its way when the
+#: server refused one. The server's code and reason are lost (grpc/grpc#36066; the blocking
+#: client is not affected).
+_CORE_LOST_STATUS = "Internal error from Core"
 
 
 def translate(exc: grpc.RpcError) -> errors.ClientError:
     """The client's own exception for a failed call: by the code the server named in its
-    trailers, else by the status."""
+    trailers, else by the status; the request id from the trailers."""
     if not isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
         return errors.Unavailable(str(exc))
     status = exc.code()
@@ -78,38 +86,34 @@ def _milliseconds(value: str | None) -> float | None:
         return None
 
 
-def encode_tensor(value: Any) -> pb.Tensor:
-    array = as_array(value)
-    if array.dtype.kind == "b":
-        array = array.astype(np.float32)
-    little = array.dtype.newbyteorder("<")
-    enum = _DTYPES.get(little)
-    if enum is None:
-        if array.dtype.kind in "iu":
-            array, enum = array.astype("<i8"), pb.DTYPE_INT64
-        elif array.dtype.kind == "f":
-            array, enum = array.astype("<f8"), pb.DTYPE_FLOAT64
-        else:
-            raise errors.InvalidArgument(f"cannot send an array of dtype {array.dtype}")
-    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    return pb.Tensor(shape=array.shape, dtype=enum, data=data)
+# -- the codec ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GrpcRequest:
+    """A unary call of ModelService: its method's name and the request message."""
+
+    method: str
+    message: Any
+
+
+def encode_tensor(array: NDArray[Any]) -> pb.Tensor:
+    """A wire array (propserve.clients.arguments.tensor) as a Tensor message."""
+    enum = _ENUMS[DTYPE_NAMES[array.dtype]]
+    return pb.Tensor(shape=array.shape, dtype=enum, data=array.tobytes())  # type: ignore[arg-type]
 
 
 def decode_tensor(tensor: pb.Tensor) -> NDArray[Any]:
-    dtype = _NUMPY.get(tensor.dtype)
-    if dtype is None:
-        raise errors.ClientError(f"the server sent an unknown dtype {tensor.dtype}")
-    array: NDArray[Any] = np.frombuffer(tensor.data, dtype=dtype)
+    name = _NAMES.get(tensor.dtype)
+    if name is None:
+        raise ValueError(f"unknown dtype {tensor.dtype}")
+    array: NDArray[Any] = np.frombuffer(tensor.data, dtype=wire.DTYPES[name])
     return array.reshape(tuple(tensor.shape))
 
 
-def _settings(retain: int | None, autosave_every: int | None) -> pb.ModelSettings:
-    settings = pb.ModelSettings()
-    if retain is not None:
-        settings.retain = retain
-    if autosave_every is not None:
-        settings.autosave_every = autosave_every
-    return settings
+def _optional(message: Any, field: str) -> Any:
+    """An optional field's value, None when unset."""
+    return getattr(message, field) if message.HasField(field) else None
 
 
 def model_from(message: pb.Model) -> Model:
@@ -130,11 +134,6 @@ def model_from(message: pb.Model) -> Model:
     )
 
 
-def _optional(message: Any, field: str) -> Any:
-    """An optional field's value, None when unset."""
-    return getattr(message, field) if message.HasField(field) else None
-
-
 def version_from(message: pb.Version) -> Version:
     return Version(
         model=message.model,
@@ -153,48 +152,123 @@ def step_from(message: pb.TrainStepResponse) -> StepResult:
     return StepResult(
         step=message.step,
         loss=message.loss,
-        accuracy=message.accuracy if message.HasField("accuracy") else None,
+        accuracy=_optional(message, "accuracy"),
         batch_size=message.batch_size,
-        saved_version=message.saved_version if message.HasField("saved_version") else None,
+        saved_version=_optional(message, "saved_version"),
     )
 
 
-def predict_request(
-    name: str, inputs: Any, version: int | None, label: str | None
-) -> pb.PredictRequest:
-    if version is not None and label is not None:
-        raise errors.InvalidArgument("give a version or a label, not both")
-    request = pb.PredictRequest(model=name, inputs=encode_tensor(inputs))
-    if version is not None:
-        request.version = version
-    elif label is not None:
-        request.label = label
-    return request
+def prediction_from(message: pb.PredictResponse) -> Prediction:
+    return Prediction(decode_tensor(message.outputs), _optional(message, "version"), message.step)
 
 
-def step_request(
-    name: str, inputs: Any, targets: Any, learning_rate: float | None
-) -> pb.TrainStepRequest:
-    request = pb.TrainStepRequest(
-        model=name, inputs=encode_tensor(inputs), targets=encode_tensor(targets)
-    )
-    if learning_rate is not None:
-        request.learning_rate = learning_rate
-    return request
+def _reading(read: Callable[[Any], T]) -> Callable[[Any], T]:
+    """``read``, with a reply it cannot read raising a ClientError (not a raw exception)."""
+
+    def checked(message: Any) -> T:
+        try:
+            return read(message)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise errors.ClientError(f"the server's answer could not be read: {exc}") from None
+
+    return checked
 
 
-def rollback_request(name: str, version: int | None, label: str | None) -> pb.RollbackRequest:
-    if (version is None) == (label is None):
-        raise errors.InvalidArgument("rollback needs exactly one of version or label")
-    if version is not None:
-        return pb.RollbackRequest(model=name, version=version)
-    return pb.RollbackRequest(model=name, label=label)
+_read_model = _reading(model_from)
+_read_step = _reading(step_from)
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def _settings(settings: dict[str, int]) -> pb.ModelSettings:
+    return pb.ModelSettings(**settings)
+
+
+class GrpcCodec:
+    """ModelService's messages for each operation, and how to read its replies."""
+
+    def create_model(
+        self, name: str, spec: dict[str, Any], settings: dict[str, int]
+    ) -> Call[Model]:
+        message = pb.CreateModelRequest(
+            name=name, spec_json=to_json(spec, "the spec"), settings=_settings(settings)
+        )
+        return Call(GrpcRequest("CreateModel", message), _read_model)
+
+    def get_model(self, name: str) -> Call[Model]:
+        return Call(GrpcRequest("GetModel", pb.GetModelRequest(name=name)), _read_model)
+
+    def list_models(self) -> Call[list[Model]]:
+        return Call(
+            GrpcRequest("ListModels", pb.ListModelsRequest()),
+            _reading(lambda reply: [model_from(m) for m in reply.models]),
+        )
+
+    def delete_model(self, name: str) -> Call[None]:
+        return Call(GrpcRequest("DeleteModel", pb.DeleteModelRequest(name=name)), lambda _: None)
+
+    def update_model(self, name: str, settings: dict[str, int]) -> Call[Model]:
+        message = pb.UpdateModelRequest(name=name, settings=_settings(settings))
+        return Call(GrpcRequest("UpdateModel", message), _read_model)
+
+    def predict(
+        self, name: str, inputs: NDArray[Any], version: int | None, label: str | None
+    ) -> Call[Prediction]:
+        message = pb.PredictRequest(model=name, inputs=encode_tensor(inputs))
+        if version is not None:
+            message.version = version
+        elif label is not None:
+            message.label = label
+        return Call(GrpcRequest("Predict", message), _reading(prediction_from))
+
+    def train_step(
+        self,
+        name: str,
+        inputs: NDArray[Any],
+        targets: NDArray[Any],
+        learning_rate: float | None,
+    ) -> Call[StepResult]:
+        message = pb.TrainStepRequest(
+            model=name, inputs=encode_tensor(inputs), targets=encode_tensor(targets)
+        )
+        if learning_rate is not None:
+            message.learning_rate = learning_rate
+        return Call(GrpcRequest("TrainStep", message), _read_step)
+
+    def save_version(self, name: str) -> Call[Version]:
+        return Call(
+            GrpcRequest("SaveVersion", pb.SaveVersionRequest(model=name)), _reading(version_from)
+        )
+
+    def list_versions(self, name: str) -> Call[list[Version]]:
+        return Call(
+            GrpcRequest("ListVersions", pb.ListVersionsRequest(model=name)),
+            _reading(lambda reply: [version_from(v) for v in reply.versions]),
+        )
+
+    def set_label(self, name: str, label: str, version: int) -> Call[Model]:
+        message = pb.SetLabelRequest(model=name, label=label, version=version)
+        return Call(GrpcRequest("SetLabel", message), _read_model)
+
+    def remove_label(self, name: str, label: str) -> Call[Model]:
+        message = pb.RemoveLabelRequest(model=name, label=label)
+        return Call(GrpcRequest("RemoveLabel", message), _read_model)
+
+    def rollback(self, name: str, version: int | None, label: str | None) -> Call[Model]:
+        message = (
+            pb.RollbackRequest(model=name, version=version)
+            if version is not None
+            else pb.RollbackRequest(model=name, label=label)
+        )
+        return Call(GrpcRequest("Rollback", message), _read_model)
+
+
+# -- the two flavours' I/O -----------------------------------------------------------------
+
+
+def _channel_options(max_message_bytes: int | None) -> list[tuple[str, Any]]:
+    size = DEFAULT_MAX_MESSAGE if max_message_bytes is None else max_message_bytes
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
     ]
 
 
@@ -205,19 +279,32 @@ def _credentials(tls: bool, root_certificates: Path | None) -> grpc.ChannelCrede
     return grpc.ssl_channel_credentials(root_certificates=roots)
 
 
-class _Base:
-    def __init__(self, token: str | None, timeout: float | None, retry: RetryPolicy | None) -> None:
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-class GrpcClient(_Base):
+def _check_injected(
+    channel: object, tls: bool, root_certificates: Path | None, max_message_bytes: int | None
+) -> None:
+    if channel is not None and (tls or root_certificates is not None or max_message_bytes):
+        raise ValueError(
+            "tls, root_certificates and max_message_bytes set up the channel the client "
+            "makes; with channel= given, set up that channel instead"
+        )
+
+
+class GrpcClient(Client):
     """A blocking client for propserve's gRPC API.
 
     ``target`` is ``host:port``; ``token`` a bearer token; ``tls=True`` (or
-    ``root_certificates``, a PEM file) uses TLS; ``timeout`` is each call's deadline in
-    seconds. Idempotent calls (predict, get, list) retry on UNAVAILABLE per ``retry``.
+    ``root_certificates``, a PEM file) uses TLS; ``timeout`` is each unary call's deadline in
+    seconds; ``max_message_bytes`` limits messages both ways (default 64 MiB). Idempotent
+    calls (predict, get, list) retry on Unavailable and TooBusy per ``retry``.
+
+    ``channel``: a ``grpc.Channel`` of your own (your options, credentials, interceptors),
+    used instead of one made from ``target``, ``tls``, ``root_certificates`` and
+    ``max_message_bytes`` (giving those too is refused). You keep it: :meth:`close` closes
+    only a channel the client made.
     """
 
     def __init__(
@@ -229,134 +316,48 @@ class GrpcClient(_Base):
         root_certificates: Path | None = None,
         timeout: float | None = 30.0,
         retry: RetryPolicy | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        max_message_bytes: int | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
-        super().__init__(token, timeout, retry)
-        credentials = _credentials(tls, root_certificates)
-        options = _channel_options(max_message_bytes)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options)
-            if credentials
-            else grpc.insecure_channel(target, options)
-        )
-        self._stub = pb_grpc.ModelServiceStub(self._channel)
-
-    def __enter__(self) -> GrpcClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(GrpcCodec(), timeout=timeout, retry=retry)
+        _check_injected(channel, tls, root_certificates, max_message_bytes)
+        self._metadata = _metadata(token)
+        self._owns_channel = channel is None
+        if channel is None:
+            credentials = _credentials(tls, root_certificates)
+            options = _channel_options(max_message_bytes)
+            channel = (
+                grpc.secure_channel(target, credentials, options)
+                if credentials
+                else grpc.insecure_channel(target, options)
+            )
+        self._channel = channel
+        self._stub = pb_grpc.ModelServiceStub(channel)
 
     def close(self) -> None:
-        self._channel.close()
+        if self._owns_channel:
+            self._channel.close()
 
-    def _call(
-        self, method: str, request: Any, *, retry: bool = False, timeout: float | None = None
-    ) -> Any:
-        rpc = getattr(self._stub, method)
-
-        def once() -> Any:
-            try:
-                return rpc(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                raise translate(exc) from None
-
-        return (self.retry if retry else NO_RETRY).call(once)
-
-    def create_model(
-        self,
-        name: str,
-        spec: dict[str, Any],
-        *,
-        retain: int | None = None,
-        autosave_every: int | None = None,
-    ) -> Model:
-        request = pb.CreateModelRequest(
-            name=name, spec_json=json.dumps(spec), settings=_settings(retain, autosave_every)
-        )
-        return model_from(self._call("CreateModel", request))
-
-    def get_model(self, name: str) -> Model:
-        return model_from(self._call("GetModel", pb.GetModelRequest(name=name), retry=True))
-
-    def list_models(self) -> list[Model]:
-        response = self._call("ListModels", pb.ListModelsRequest(), retry=True)
-        return [model_from(m) for m in response.models]
-
-    def delete_model(self, name: str) -> None:
-        self._call("DeleteModel", pb.DeleteModelRequest(name=name))
-
-    def update_model(
-        self, name: str, *, retain: int | None = None, autosave_every: int | None = None
-    ) -> Model:
-        request = pb.UpdateModelRequest(name=name, settings=_settings(retain, autosave_every))
-        return model_from(self._call("UpdateModel", request))
-
-    def predict(
-        self, name: str, inputs: Any, *, version: int | None = None, label: str | None = None
-    ) -> Prediction:
-        response = self._call("Predict", predict_request(name, inputs, version, label), retry=True)
-        return Prediction(
-            decode_tensor(response.outputs), _optional(response, "version"), response.step
-        )
-
-    def train_step(
-        self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None
-    ) -> StepResult:
-        return step_from(
-            self._call("TrainStep", step_request(name, inputs, targets, learning_rate))
-        )
-
-    def train(
-        self,
-        name: str,
-        batches: Iterable[tuple[Any, Any]],
-        *,
-        learning_rate: float | None = None,
-        progress: bool | Progress = False,
-        total: int | None = None,
-    ) -> list[StepResult]:
-        """Stream (inputs, targets) batches over one Train call; one result per batch.
-
-        Never retried: a failure raises, and the steps before it stay applied on the server.
-        """
-        display = (
-            progress if isinstance(progress, Progress) else (Progress(total) if progress else None)
-        )
-        requests = (step_request(name, x, y, learning_rate) for x, y in batches)
-        results: list[StepResult] = []
+    def _send(self, request: GrpcRequest) -> Any:
+        rpc = getattr(self._stub, request.method)
         try:
-            for response in self._stub.Train(requests, metadata=self._metadata):
-                results.append(step_from(response))
-                if display:
-                    display.update(results[-1])
+            return rpc(request.message, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc) from None
+
+    def _stream(self, requests: Iterator[GrpcRequest]) -> Generator[Any, None, None]:
+        call = self._stub.Train((request.message for request in requests), metadata=self._metadata)
+        try:
+            yield from call
         except grpc.RpcError as exc:
             raise translate(exc) from None
         finally:
-            if display and not isinstance(progress, Progress):
-                display.close()
-        return results
-
-    def save_version(self, name: str) -> Version:
-        return version_from(self._call("SaveVersion", pb.SaveVersionRequest(model=name)))
-
-    def list_versions(self, name: str) -> list[Version]:
-        response = self._call("ListVersions", pb.ListVersionsRequest(model=name), retry=True)
-        return [version_from(v) for v in response.versions]
-
-    def set_label(self, name: str, label: str, version: int) -> Model:
-        request = pb.SetLabelRequest(model=name, label=label, version=version)
-        return model_from(self._call("SetLabel", request))
-
-    def remove_label(self, name: str, label: str) -> Model:
-        return model_from(self._call("RemoveLabel", pb.RemoveLabelRequest(model=name, label=label)))
-
-    def rollback(self, name: str, *, version: int | None = None, label: str | None = None) -> Model:
-        return model_from(self._call("Rollback", rollback_request(name, version, label)))
+            call.cancel()  # a no-op once the call is over; ends it if the reader stopped
 
 
-class AsyncGrpcClient(_Base):
-    """The asyncio twin of :class:`GrpcClient`: the same methods, awaited."""
+class AsyncGrpcClient(AsyncClient):
+    """The asyncio twin of :class:`GrpcClient`: the same arguments (``channel``: a
+    ``grpc.aio.Channel``) and methods, awaited. Make it inside the running event loop."""
 
     def __init__(
         self,
@@ -367,134 +368,52 @@ class AsyncGrpcClient(_Base):
         root_certificates: Path | None = None,
         timeout: float | None = 30.0,
         retry: RetryPolicy | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        max_message_bytes: int | None = None,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
-        super().__init__(token, timeout, retry)
-        credentials = _credentials(tls, root_certificates)
-        options = _channel_options(max_message_bytes)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options)
-            if credentials
-            else grpc.aio.insecure_channel(target, options)
-        )
-        self._stub = pb_grpc.ModelServiceStub(self._channel)
-
-    async def __aenter__(self) -> AsyncGrpcClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        super().__init__(GrpcCodec(), timeout=timeout, retry=retry)
+        _check_injected(channel, tls, root_certificates, max_message_bytes)
+        self._metadata = _metadata(token)
+        self._owns_channel = channel is None
+        if channel is None:
+            credentials = _credentials(tls, root_certificates)
+            options = _channel_options(max_message_bytes)
+            channel = (
+                grpc.aio.secure_channel(target, credentials, options)
+                if credentials
+                else grpc.aio.insecure_channel(target, options)
+            )
+        self._channel = channel
+        self._stub = pb_grpc.ModelServiceStub(channel)
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._owns_channel:
+            await self._channel.close()
 
-    async def _call(self, method: str, request: Any, *, retry: bool = False) -> Any:
-        rpc = getattr(self._stub, method)
-
-        async def once() -> Any:
-            try:
-                return await rpc(request, timeout=self.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                raise translate(exc) from None
-
-        return await (self.retry if retry else NO_RETRY).acall(once)
-
-    async def create_model(
-        self,
-        name: str,
-        spec: dict[str, Any],
-        *,
-        retain: int | None = None,
-        autosave_every: int | None = None,
-    ) -> Model:
-        request = pb.CreateModelRequest(
-            name=name, spec_json=json.dumps(spec), settings=_settings(retain, autosave_every)
-        )
-        return model_from(await self._call("CreateModel", request))
-
-    async def get_model(self, name: str) -> Model:
-        return model_from(await self._call("GetModel", pb.GetModelRequest(name=name), retry=True))
-
-    async def list_models(self) -> list[Model]:
-        response = await self._call("ListModels", pb.ListModelsRequest(), retry=True)
-        return [model_from(m) for m in response.models]
-
-    async def delete_model(self, name: str) -> None:
-        await self._call("DeleteModel", pb.DeleteModelRequest(name=name))
-
-    async def update_model(
-        self, name: str, *, retain: int | None = None, autosave_every: int | None = None
-    ) -> Model:
-        request = pb.UpdateModelRequest(name=name, settings=_settings(retain, autosave_every))
-        return model_from(await self._call("UpdateModel", request))
-
-    async def predict(
-        self, name: str, inputs: Any, *, version: int | None = None, label: str | None = None
-    ) -> Prediction:
-        response = await self._call(
-            "Predict", predict_request(name, inputs, version, label), retry=True
-        )
-        return Prediction(
-            decode_tensor(response.outputs), _optional(response, "version"), response.step
-        )
-
-    async def train_step(
-        self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None
-    ) -> StepResult:
-        return step_from(
-            await self._call("TrainStep", step_request(name, inputs, targets, learning_rate))
-        )
-
-    async def train(
-        self,
-        name: str,
-        batches: Iterable[tuple[Any, Any]] | AsyncIterable[tuple[Any, Any]],
-        *,
-        learning_rate: float | None = None,
-        progress: bool = False,
-        total: int | None = None,
-    ) -> list[StepResult]:
-        """Stream batches over one Train call; never retried (see GrpcClient.train)."""
-
-        async def requests() -> AsyncIterator[pb.TrainStepRequest]:
-            if isinstance(batches, AsyncIterable):
-                async for x, y in batches:
-                    yield step_request(name, x, y, learning_rate)
-            else:
-                for x, y in batches:
-                    yield step_request(name, x, y, learning_rate)
-
-        display = Progress(total) if progress else None
-        results: list[StepResult] = []
+    async def _send(self, request: GrpcRequest) -> Any:
+        rpc = getattr(self._stub, request.method)
         try:
-            async for response in self._stub.Train(requests(), metadata=self._metadata):
-                results.append(step_from(response))
-                if display:
-                    display.update(results[-1])
+            return await rpc(request.message, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise translate(exc) from None
+
+    async def _stream(self, requests: AsyncIterator[GrpcRequest]) -> AsyncGenerator[Any, None]:
+        async def messages() -> AsyncIterator[Any]:
+            async for request in requests:
+                yield request.message
+
+        call = self._stub.Train(messages(), metadata=self._metadata)
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as exc:
+            error = translate(exc)
+            if error.code is wire.INTERNAL and error.message == _CORE_LOST_STATUS:
+                error = errors.Internal(
+                    "the server ended the stream, and grpc.aio lost its reason: a batch was "
+                    "still being written as the stream ended (grpc/grpc#36066)",
+                    status=error.status,
+                )
+            raise error from None
         finally:
-            if display:
-                display.close()
-        return results
-
-    async def save_version(self, name: str) -> Version:
-        return version_from(await self._call("SaveVersion", pb.SaveVersionRequest(model=name)))
-
-    async def list_versions(self, name: str) -> list[Version]:
-        response = await self._call("ListVersions", pb.ListVersionsRequest(model=name), retry=True)
-        return [version_from(v) for v in response.versions]
-
-    async def set_label(self, name: str, label: str, version: int) -> Model:
-        request = pb.SetLabelRequest(model=name, label=label, version=version)
-        return model_from(await self._call("SetLabel", request))
-
-    async def remove_label(self, name: str, label: str) -> Model:
-        return model_from(
-            await self._call("RemoveLabel", pb.RemoveLabelRequest(model=name, label=label))
-        )
-
-    async def rollback(
-        self, name: str, *, version: int | None = None, label: str | None = None
-    ) -> Model:
-        return model_from(await self._call("Rollback", rollback_request(name, version, label)))
+            call.cancel()

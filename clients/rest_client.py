@@ -1,7 +1,9 @@
 """REST clients: :class:`RestClient` (blocking) and :class:`AsyncRestClient` (asyncio), over
 httpx, with the same methods and return types as the gRPC clients.
 
-``train`` sends one ``train_step`` request per batch (REST has no streams).
+``train`` sends one ``train_step`` request per batch (REST has no streams). The methods are
+propserve.clients.client's; this module holds the codec (paths and JSON bodies) and each
+flavour's I/O.
 """
 
 from __future__ import annotations
@@ -10,23 +12,30 @@ import base64
 import dataclasses
 import json
 import ssl
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
 
 import httpx
 import numpy as np
+from numpy.typing import NDArray
 
 from propserve import wire
 from propserve.clients import errors
-from propserve.clients._progress import Progress
-from propserve.clients._retry import NO_RETRY, RetryPolicy
-from propserve.clients.types import Model, Prediction, StepResult, Version, as_array
+from propserve.clients._retry import RetryPolicy
+from propserve.clients.arguments import DTYPE_NAMES, to_json
+from propserve.clients.calls import Call
+from propserve.clients.client import AsyncClient, Client
+from propserve.clients.types import Model, Prediction, StepResult, Version
+
+T = TypeVar("T")
 
 
 def translate(response: httpx.Response) -> errors.ClientError:
     """The client's own exception for an error response: by the code in its body, else (a
-    proxy's answer, say) by the status."""
+    proxy's answer, say) by the status; the request id from its header."""
     try:
         detail = json.loads(response.content)["error"]
         name, message = str(detail["code"]), str(detail["message"])
@@ -68,30 +77,29 @@ def transport_error(exc: httpx.HTTPError) -> errors.ClientError:
     return errors.Unavailable(f"cannot reach the server: {exc}")
 
 
+# -- the codec ----------------------------------------------------------------------------
+
 #: How tensors travel in JSON bodies: "base64" (the bytes, base64-encoded, with shape and
 #: dtype: exact, and far cheaper to encode and decode) or "json" (numbers written out).
 TENSOR_ENCODINGS = ("base64", "json")
 
 
-def tensor_json(value: Any, encoding: str = "base64") -> Any:
-    """A tensor for a JSON body: {b64, shape, dtype} or {data, shape, dtype}, which keep the
-    dtype across JSON."""
-    array = as_array(value)
-    if array.dtype.kind not in "biuf":
-        raise errors.InvalidArgument(f"cannot send an array of dtype {array.dtype}")
-    if array.dtype.kind == "b":
-        array = array.astype(np.float32)
-    dtype = {
-        "f": "float64" if array.dtype.itemsize > 4 else "float32",
-        "i": "int64" if array.dtype.itemsize > 4 else "int32",
-        "u": "int64",
-    }[array.dtype.kind]
+@dataclass(frozen=True)
+class RestRequest:
+    """An HTTP request: method, path under the base URL, and JSON body."""
+
+    method: str
+    path: str
+    body: str | None = None
+
+
+def tensor_json(array: NDArray[Any], encoding: str) -> dict[str, Any]:
+    """A wire array (propserve.clients.arguments.tensor) for a JSON body: {b64, shape,
+    dtype} or {data, shape, dtype}, which keep the dtype across JSON."""
+    dtype = DTYPE_NAMES[array.dtype]
     if encoding == "base64":
-        if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
-            raise errors.InvalidArgument("values out of the range of int64")
-        data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
         return {
-            "b64": base64.b64encode(data.data).decode("ascii"),
+            "b64": base64.b64encode(array.data).decode("ascii"),
             "shape": list(array.shape),
             "dtype": dtype,
         }
@@ -101,32 +109,7 @@ def tensor_json(value: Any, encoding: str = "base64") -> Any:
             "the tensor contains a non-finite value (NaN or Inf), "
             "which JSON cannot carry and the model would refuse"
         )
-    return {"data": array.reshape(-1), "shape": list(array.shape), "dtype": dtype}
-
-
-def _encoding(tensor_encoding: str) -> str:
-    if tensor_encoding not in TENSOR_ENCODINGS:
-        raise ValueError(
-            f"tensor_encoding must be one of {', '.join(TENSOR_ENCODINGS)}, got {tensor_encoding!r}"
-        )
-    return tensor_encoding
-
-
-def dumps(body: Any) -> bytes:
-    """A JSON body; numbers that JSON cannot carry (NaN, infinities) are refused."""
-    try:
-        return json.dumps(body, default=_plain, allow_nan=False, separators=(",", ":")).encode()
-    except ValueError:
-        raise errors.InvalidArgument(
-            "a number in the request is not finite (NaN or infinite), which JSON cannot carry"
-        ) from None
-
-
-def _plain(value: Any) -> Any:
-    """numpy values as JSON's lists and numbers."""
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+    return {"data": array.reshape(-1).tolist(), "shape": list(array.shape), "dtype": dtype}
 
 
 def _fields(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
@@ -147,63 +130,165 @@ def step_from(data: dict[str, Any]) -> StepResult:
 
 
 def prediction_from(data: dict[str, Any]) -> Prediction:
-    outputs = np.asarray(data["outputs"], dtype=data.get("dtype", "float64"))
+    outputs = np.asarray(data["outputs"], dtype=wire.DTYPES[data["dtype"]])
     return Prediction(outputs, data["version"], data["step"])
 
 
-def _settings(retain: int | None, autosave_every: int | None) -> dict[str, int]:
-    settings = {"retain": retain, "autosave_every": autosave_every}
-    return {k: v for k, v in settings.items() if v is not None}
+def _reading(read: Callable[[Any], T]) -> Callable[[httpx.Response], T]:
+    """A reader of a response's JSON; one it cannot read raises a ClientError carrying the
+    response's status and request id (not a raw exception)."""
+
+    def checked(response: httpx.Response) -> T:
+        try:
+            return read(json.loads(response.content) if response.content else None)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise errors.ClientError(
+                f"the server's answer could not be read: {exc!r}",
+                status=response.status_code,
+                request_id=response.headers.get(wire.REQUEST_ID_KEY),
+            ) from None
+
+    return checked
 
 
-def _predict_body(
-    inputs: Any, version: int | None, label: str | None, encoding: str
-) -> dict[str, Any]:
-    if version is not None and label is not None:
-        raise errors.InvalidArgument("give a version or a label, not both")
-    body: dict[str, Any] = {"inputs": tensor_json(inputs, encoding)}
-    if version is not None:
-        body["version"] = version
-    if label is not None:
-        body["label"] = label
-    return body
+_read_model = _reading(model_from)
+_read_step = _reading(step_from)
 
 
-def _step_body(
-    inputs: Any, targets: Any, learning_rate: float | None, encoding: str
-) -> dict[str, Any]:
-    body = {"inputs": tensor_json(inputs, encoding), "targets": tensor_json(targets, encoding)}
-    if learning_rate is not None:
-        body["learning_rate"] = learning_rate
-    return body
+def _segment(value: str) -> str:
+    """A path segment, percent-encoded so that no name can change the path."""
+    return quote(str(value), safe="")
 
 
-def _rollback_body(version: int | None, label: str | None) -> dict[str, Any]:
-    if (version is None) == (label is None):
-        raise errors.InvalidArgument("rollback needs exactly one of version or label")
-    return {"version": version} if version is not None else {"label": label}
+class RestCodec:
+    """The REST API's paths and bodies for each operation, and how to read its answers."""
+
+    def __init__(self, tensor_encoding: str) -> None:
+        if tensor_encoding not in TENSOR_ENCODINGS:
+            raise ValueError(
+                f"tensor_encoding must be one of {', '.join(TENSOR_ENCODINGS)}, "
+                f"got {tensor_encoding!r}"
+            )
+        self.tensor_encoding = tensor_encoding
+
+    def create_model(
+        self, name: str, spec: dict[str, Any], settings: dict[str, int]
+    ) -> Call[Model]:
+        body = to_json({"name": name, "spec": spec, "settings": settings})
+        return Call(RestRequest("POST", "/v1/models", body), _read_model)
+
+    def get_model(self, name: str) -> Call[Model]:
+        return Call(RestRequest("GET", f"/v1/models/{_segment(name)}"), _read_model)
+
+    def list_models(self) -> Call[list[Model]]:
+        return Call(
+            RestRequest("GET", "/v1/models"),
+            _reading(lambda data: [model_from(m) for m in data["models"]]),
+        )
+
+    def delete_model(self, name: str) -> Call[None]:
+        return Call(RestRequest("DELETE", f"/v1/models/{_segment(name)}"), lambda _: None)
+
+    def update_model(self, name: str, settings: dict[str, int]) -> Call[Model]:
+        body = to_json({"settings": settings})
+        return Call(RestRequest("PATCH", f"/v1/models/{_segment(name)}", body), _read_model)
+
+    def predict(
+        self, name: str, inputs: NDArray[Any], version: int | None, label: str | None
+    ) -> Call[Prediction]:
+        body: dict[str, Any] = {"inputs": tensor_json(inputs, self.tensor_encoding)}
+        if version is not None:
+            body["version"] = version
+        if label is not None:
+            body["label"] = label
+        path = f"/v1/models/{_segment(name)}/predict"
+        return Call(RestRequest("POST", path, to_json(body)), _reading(prediction_from))
+
+    def train_step(
+        self,
+        name: str,
+        inputs: NDArray[Any],
+        targets: NDArray[Any],
+        learning_rate: float | None,
+    ) -> Call[StepResult]:
+        body: dict[str, Any] = {
+            "inputs": tensor_json(inputs, self.tensor_encoding),
+            "targets": tensor_json(targets, self.tensor_encoding),
+        }
+        if learning_rate is not None:
+            body["learning_rate"] = learning_rate
+        path = f"/v1/models/{_segment(name)}/train_step"
+        return Call(RestRequest("POST", path, to_json(body)), _read_step)
+
+    def save_version(self, name: str) -> Call[Version]:
+        path = f"/v1/models/{_segment(name)}/versions"
+        return Call(RestRequest("POST", path), _reading(version_from))
+
+    def list_versions(self, name: str) -> Call[list[Version]]:
+        return Call(
+            RestRequest("GET", f"/v1/models/{_segment(name)}/versions"),
+            _reading(lambda data: [version_from(v) for v in data["versions"]]),
+        )
+
+    def set_label(self, name: str, label: str, version: int) -> Call[Model]:
+        path = f"/v1/models/{_segment(name)}/labels/{_segment(label)}"
+        return Call(RestRequest("PUT", path, to_json({"version": version})), _read_model)
+
+    def remove_label(self, name: str, label: str) -> Call[Model]:
+        path = f"/v1/models/{_segment(name)}/labels/{_segment(label)}"
+        return Call(RestRequest("DELETE", path), _read_model)
+
+    def rollback(self, name: str, version: int | None, label: str | None) -> Call[Model]:
+        body = to_json({"version": version} if version is not None else {"label": label})
+        path = f"/v1/models/{_segment(name)}/rollback"
+        return Call(RestRequest("POST", path, body), _read_model)
 
 
-def _client_options(
-    url: str, token: str | None, timeout: float | None, root_certificates: Path | None
-) -> dict[str, Any]:
+# -- the two flavours' I/O -----------------------------------------------------------------
+
+
+def base_url(url: str) -> str:
+    """``url`` without a trailing slash; it must be http:// or https://."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"the REST URL must start with http:// or https://, got {url!r} "
+            f"(for a server at {url}, give http://{url})"
+        )
+    return url.rstrip("/")
+
+
+def _headers(token: str | None) -> dict[str, str]:
     headers = {"content-type": "application/json"}
     if token:
         headers["authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _verify(root_certificates: Path | None, http_client: object) -> ssl.SSLContext | bool:
+    if http_client is not None:
+        if root_certificates is not None:
+            raise ValueError(
+                "root_certificates sets up the HTTP client the client makes; with "
+                "http_client= given, set up that client instead"
+            )
+        return True
     # A context that trusts exactly the given roots (httpx no longer takes a file path).
-    verify: Any = (
-        ssl.create_default_context(cafile=str(root_certificates)) if root_certificates else True
-    )
-    return {"base_url": url.rstrip("/"), "headers": headers, "timeout": timeout, "verify": verify}
+    return ssl.create_default_context(cafile=str(root_certificates)) if root_certificates else True
 
 
-class RestClient:
+class RestClient(Client):
     """A blocking client for propserve's REST API at ``url`` (e.g. http://127.0.0.1:8000).
 
     ``token`` is a bearer token; ``root_certificates`` a PEM file to trust for https;
     ``timeout`` each request's limit in seconds. Idempotent calls (predict, get, list) retry
-    on Unavailable per ``retry``. Tensors travel as base64 of their bytes unless
-    ``tensor_encoding`` is "json" (numbers written out, readable, ~6x slower to decode).
+    on Unavailable and TooBusy per ``retry``. Tensors travel as base64 of their bytes unless
+    ``tensor_encoding`` is "json" (numbers written out: readable, slower to decode).
+
+    ``http_client``: an ``httpx.Client`` of your own (proxies, limits, event hooks,
+    transports), used instead of one the client makes. Requests go to ``url`` (its base URL
+    is not used) with the token and ``timeout`` of this client. You keep it: :meth:`close`
+    closes only an HTTP client the client made.
     """
 
     def __init__(
@@ -215,133 +300,42 @@ class RestClient:
         timeout: float | None = 30.0,
         retry: RetryPolicy | None = None,
         tensor_encoding: str = "base64",
+        http_client: httpx.Client | None = None,
     ) -> None:
-        self.retry = retry or RetryPolicy()
-        self.tensor_encoding = _encoding(tensor_encoding)
-        self._http = httpx.Client(**_client_options(url, token, timeout, root_certificates))
-
-    def __enter__(self) -> RestClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(RestCodec(tensor_encoding), timeout=timeout, retry=retry)
+        self.url = base_url(url)
+        verify = _verify(root_certificates, http_client)
+        self._headers = _headers(token)
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client(verify=verify)
 
     def close(self) -> None:
-        self._http.close()
+        if self._owns_http:
+            self._http.close()
 
-    def _call(self, method: str, path: str, body: Any = None, *, retry: bool = False) -> Any:
-        content = None if body is None else dumps(body)
-
-        def once() -> Any:
-            try:
-                response = self._http.request(method, path, content=content)
-            except httpx.HTTPError as exc:
-                raise transport_error(exc) from None
-            if response.status_code >= 400:
-                raise translate(response)
-            return json.loads(response.content) if response.content else None
-
-        return (self.retry if retry else NO_RETRY).call(once)
-
-    def create_model(
-        self,
-        name: str,
-        spec: dict[str, Any],
-        *,
-        retain: int | None = None,
-        autosave_every: int | None = None,
-    ) -> Model:
-        body = {"name": name, "spec": spec, "settings": _settings(retain, autosave_every)}
-        return model_from(self._call("POST", "/v1/models", body))
-
-    def get_model(self, name: str) -> Model:
-        return model_from(self._call("GET", f"/v1/models/{_segment(name)}", retry=True))
-
-    def list_models(self) -> list[Model]:
-        return [model_from(m) for m in self._call("GET", "/v1/models", retry=True)["models"]]
-
-    def delete_model(self, name: str) -> None:
-        self._call("DELETE", f"/v1/models/{_segment(name)}")
-
-    def update_model(
-        self, name: str, *, retain: int | None = None, autosave_every: int | None = None
-    ) -> Model:
-        body = {"settings": _settings(retain, autosave_every)}
-        return model_from(self._call("PATCH", f"/v1/models/{_segment(name)}", body))
-
-    def predict(
-        self, name: str, inputs: Any, *, version: int | None = None, label: str | None = None
-    ) -> Prediction:
-        return prediction_from(
-            self._call(
-                "POST",
-                f"/v1/models/{_segment(name)}/predict",
-                _predict_body(inputs, version, label, self.tensor_encoding),
-                retry=True,
-            )
-        )
-
-    def train_step(
-        self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None
-    ) -> StepResult:
-        return step_from(
-            self._call(
-                "POST",
-                f"/v1/models/{_segment(name)}/train_step",
-                _step_body(inputs, targets, learning_rate, self.tensor_encoding),
-            )
-        )
-
-    def train(
-        self,
-        name: str,
-        batches: Iterable[tuple[Any, Any]],
-        *,
-        learning_rate: float | None = None,
-        progress: bool | Progress = False,
-        total: int | None = None,
-    ) -> list[StepResult]:
-        """One train_step request per batch, in order; never retried (a failure raises and
-        the steps before it stay applied)."""
-        display = (
-            progress if isinstance(progress, Progress) else (Progress(total) if progress else None)
-        )
-        results: list[StepResult] = []
+    def _send(self, request: RestRequest) -> httpx.Response:
         try:
-            for x, y in batches:
-                results.append(self.train_step(name, x, y, learning_rate=learning_rate))
-                if display:
-                    display.update(results[-1])
-        finally:
-            if display and not isinstance(progress, Progress):
-                display.close()
-        return results
-
-    def save_version(self, name: str) -> Version:
-        return version_from(self._call("POST", f"/v1/models/{_segment(name)}/versions"))
-
-    def list_versions(self, name: str) -> list[Version]:
-        data = self._call("GET", f"/v1/models/{_segment(name)}/versions", retry=True)
-        return [version_from(v) for v in data["versions"]]
-
-    def set_label(self, name: str, label: str, version: int) -> Model:
-        path = f"/v1/models/{_segment(name)}/labels/{_segment(label)}"
-        return model_from(self._call("PUT", path, {"version": version}))
-
-    def remove_label(self, name: str, label: str) -> Model:
-        path = f"/v1/models/{_segment(name)}/labels/{_segment(label)}"
-        return model_from(self._call("DELETE", path))
-
-    def rollback(self, name: str, *, version: int | None = None, label: str | None = None) -> Model:
-        return model_from(
-            self._call(
-                "POST", f"/v1/models/{_segment(name)}/rollback", _rollback_body(version, label)
+            response = self._http.request(
+                request.method,
+                self.url + request.path,
+                content=request.body,
+                headers=self._headers,
+                timeout=self.timeout,
             )
-        )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc) from None
+        if response.status_code >= 400:
+            raise translate(response)
+        return response
+
+    def _stream(self, requests: Iterator[RestRequest]) -> Generator[httpx.Response, None, None]:
+        for request in requests:
+            yield self._send(request)
 
 
-class AsyncRestClient:
-    """The asyncio twin of :class:`RestClient`: the same methods, awaited."""
+class AsyncRestClient(AsyncClient):
+    """The asyncio twin of :class:`RestClient`: the same arguments (``http_client``: an
+    ``httpx.AsyncClient``) and methods, awaited."""
 
     def __init__(
         self,
@@ -352,139 +346,36 @@ class AsyncRestClient:
         timeout: float | None = 30.0,
         retry: RetryPolicy | None = None,
         tensor_encoding: str = "base64",
+        http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        self.retry = retry or RetryPolicy()
-        self.tensor_encoding = _encoding(tensor_encoding)
-        self._http = httpx.AsyncClient(**_client_options(url, token, timeout, root_certificates))
-
-    async def __aenter__(self) -> AsyncRestClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        super().__init__(RestCodec(tensor_encoding), timeout=timeout, retry=retry)
+        self.url = base_url(url)
+        verify = _verify(root_certificates, http_client)
+        self._headers = _headers(token)
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.AsyncClient(verify=verify)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._owns_http:
+            await self._http.aclose()
 
-    async def _call(self, method: str, path: str, body: Any = None, *, retry: bool = False) -> Any:
-        content = None if body is None else dumps(body)
-
-        async def once() -> Any:
-            try:
-                response = await self._http.request(method, path, content=content)
-            except httpx.HTTPError as exc:
-                raise transport_error(exc) from None
-            if response.status_code >= 400:
-                raise translate(response)
-            return json.loads(response.content) if response.content else None
-
-        return await (self.retry if retry else NO_RETRY).acall(once)
-
-    async def create_model(
-        self,
-        name: str,
-        spec: dict[str, Any],
-        *,
-        retain: int | None = None,
-        autosave_every: int | None = None,
-    ) -> Model:
-        body = {"name": name, "spec": spec, "settings": _settings(retain, autosave_every)}
-        return model_from(await self._call("POST", "/v1/models", body))
-
-    async def get_model(self, name: str) -> Model:
-        return model_from(await self._call("GET", f"/v1/models/{_segment(name)}", retry=True))
-
-    async def list_models(self) -> list[Model]:
-        data = await self._call("GET", "/v1/models", retry=True)
-        return [model_from(m) for m in data["models"]]
-
-    async def delete_model(self, name: str) -> None:
-        await self._call("DELETE", f"/v1/models/{_segment(name)}")
-
-    async def update_model(
-        self, name: str, *, retain: int | None = None, autosave_every: int | None = None
-    ) -> Model:
-        body = {"settings": _settings(retain, autosave_every)}
-        return model_from(await self._call("PATCH", f"/v1/models/{_segment(name)}", body))
-
-    async def predict(
-        self, name: str, inputs: Any, *, version: int | None = None, label: str | None = None
-    ) -> Prediction:
-        data = await self._call(
-            "POST",
-            f"/v1/models/{_segment(name)}/predict",
-            _predict_body(inputs, version, label, self.tensor_encoding),
-            retry=True,
-        )
-        return prediction_from(data)
-
-    async def train_step(
-        self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None
-    ) -> StepResult:
-        return step_from(
-            await self._call(
-                "POST",
-                f"/v1/models/{_segment(name)}/train_step",
-                _step_body(inputs, targets, learning_rate, self.tensor_encoding),
-            )
-        )
-
-    async def train(
-        self,
-        name: str,
-        batches: Iterable[tuple[Any, Any]] | AsyncIterable[tuple[Any, Any]],
-        *,
-        learning_rate: float | None = None,
-        progress: bool = False,
-        total: int | None = None,
-    ) -> list[StepResult]:
-        display = Progress(total) if progress else None
-        results: list[StepResult] = []
-
-        async def step(x: Any, y: Any) -> None:
-            results.append(await self.train_step(name, x, y, learning_rate=learning_rate))
-            if display:
-                display.update(results[-1])
-
+    async def _send(self, request: RestRequest) -> httpx.Response:
         try:
-            if isinstance(batches, AsyncIterable):
-                async for x, y in batches:
-                    await step(x, y)
-            else:
-                for x, y in batches:
-                    await step(x, y)
-        finally:
-            if display:
-                display.close()
-        return results
-
-    async def save_version(self, name: str) -> Version:
-        return version_from(await self._call("POST", f"/v1/models/{_segment(name)}/versions"))
-
-    async def list_versions(self, name: str) -> list[Version]:
-        data = await self._call("GET", f"/v1/models/{_segment(name)}/versions", retry=True)
-        return [version_from(v) for v in data["versions"]]
-
-    async def set_label(self, name: str, label: str, version: int) -> Model:
-        path = f"/v1/models/{_segment(name)}/labels/{_segment(label)}"
-        return model_from(await self._call("PUT", path, {"version": version}))
-
-    async def remove_label(self, name: str, label: str) -> Model:
-        path = f"/v1/models/{_segment(name)}/labels/{_segment(label)}"
-        return model_from(await self._call("DELETE", path))
-
-    async def rollback(
-        self, name: str, *, version: int | None = None, label: str | None = None
-    ) -> Model:
-        return model_from(
-            await self._call(
-                "POST", f"/v1/models/{_segment(name)}/rollback", _rollback_body(version, label)
+            response = await self._http.request(
+                request.method,
+                self.url + request.path,
+                content=request.body,
+                headers=self._headers,
+                timeout=self.timeout,
             )
-        )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc) from None
+        if response.status_code >= 400:
+            raise translate(response)
+        return response
 
-
-def _segment(value: str) -> str:
-    """A path segment, percent-encoded so that no name can change the path."""
-    from urllib.parse import quote  # noqa: PLC0415 - small and only here
-
-    return quote(str(value), safe="")
+    async def _stream(
+        self, requests: AsyncIterator[RestRequest]
+    ) -> AsyncGenerator[httpx.Response, None]:
+        async for request in requests:
+            yield await self._send(request)

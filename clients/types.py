@@ -6,12 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
 from propserve.wire import Model, StepResult, Version
 
-__all__ = ["Model", "Prediction", "StepResult", "Version", "as_array"]
+__all__ = ["Model", "Prediction", "StepResult", "Version"]
 
 
 @dataclass(frozen=True)
@@ -22,11 +21,3 @@ class Prediction:
     outputs: NDArray[Any]
     version: int | None
     step: int
-
-
-def as_array(value: Any) -> NDArray[Any]:
-    """Accept numpy arrays and nested lists; keep float32/float64/int32/int64 as they are."""
-    array = np.asarray(value)
-    if array.dtype == np.float16:
-        array = array.astype(np.float32)
-    return array

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_digits: {exc} (pass --replace to start over)", file=sys.stderr)
         return 2
     except ClientError as exc:
-        print(f"train_digits: {exc.code}: {exc.message.splitlines()[0]}", file=sys.stderr)
+        print(f"train_digits: {exc.code.name}: {exc.message.splitlines()[0]}", file=sys.stderr)
         return 2
 
 

@@ -5,14 +5,25 @@
 #
 #   BASE_IMAGE=python:3.12-slim bash scripts/compose-smoke.sh
 #
-# Needs a docker daemon, docker-compose (1.29) or `docker compose` (v2), and the repository's
-# .venv (for the client). Runs as its own compose project with its own generated env file and
-# published ports, so it touches neither .env nor a running stack; it removes what it started,
-# volume included, whatever happens. Prints one line per check and ends with "N passed, N failed".
+# Needs a docker daemon, docker-compose (1.29) or `docker compose` (v2), and a Python with
+# propserve's clients (the repository's .venv, or PYTHON=/path/to/python). Runs as its own
+# compose project with its own generated env file and published ports, so it touches neither
+# .env nor a running stack; it removes what it started, volume included, whatever happens.
+# Prints one line per check and ends with "N passed, N failed".
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+
+# Every step below needs the Python with the clients (ports, tokens, the checks): say so
+# at once when it is missing, rather than failing later without a word.
+if ! PYTHONPATH="$ROOT" "$PYTHON" -c 'import numpy, propserve.clients' >/dev/null 2>&1; then
+  echo "FAIL  no usable Python at $PYTHON (it needs propserve's clients): run" \
+    "python3 -m venv .venv && .venv/bin/pip install -e . in $ROOT, or set PYTHON=/path/to/python"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+
 PROJECT="${SMOKE_PROJECT:-propserve-smoke-$$}"
 HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-180}"
 WORK="$(mktemp -d)"
@@ -114,7 +125,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients import GrpcClient, PermissionDenied, RestClient, Unauthenticated
+from propserve.clients import GrpcClient, PermissionDenied, RestClient, Unauthenticated
 
 step = sys.argv[1]
 grpc = GrpcClient("127.0.0.1:$GRPC_PORT", token="$ADMIN_TOKEN", timeout=30)

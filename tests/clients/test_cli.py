@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from propserve import wire
 from propserve.cli import main
 from propserve.clients import GrpcClient
 from tests.support.server import ServerProcess
@@ -522,10 +523,66 @@ def test_bad_specs(cli: Cli, tmp_path: Path) -> None:
     for extra, message in local.items():
         code, _, err = cli("models", "create", "bad", *extra)
         assert code == 2 and message in err, (extra, err)
-    # The server's validator names the offending field.
+    # The server's validator names the offending field; a bad spec exits 2 wherever found.
     code, _, err = cli("models", "create", "bad", "--input-dim", "4", "--layers", "8:nope,3")
-    assert code == 1 and "spec.layers[0].activation" in err
+    assert code == 2 and "spec.layers[0].activation" in err
     assert "bad" not in [m["name"] for m in json.loads(cli.ok("models", "list", "--json"))]
+
+
+def test_exit_codes_follow_one_rule_whoever_finds_the_problem(cli: Cli, tmp_path: Path) -> None:
+    """2: wrong as given (the CLI's, the client's or the server's invalid_argument); 1:
+    refused for now or for you; 3 (test_server_down_is_one_line_and_exit_3): no answer."""
+    create(cli, "rule")
+    np.save(tmp_path / "x.npy", np.zeros((2, N_FEATURES), np.float32))
+    np.save(tmp_path / "wide.npy", np.zeros((2, N_FEATURES + 1), np.float32))
+    x, wide = str(tmp_path / "x.npy"), str(tmp_path / "wide.npy")
+    cases: list[tuple[tuple[str, ...], int, str]] = [
+        (("predict", "rule", str(tmp_path / "none.npy")), 2, "no such file"),  # the CLI
+        (("predict", "rule", x, "--version", "0"), 2, str(wire.source_problem(0, None))),
+        (("predict", "rule", wide), 2, "features"),  # the server
+        (("models", "create", "x", "--input-dim", "4", "--layers", "4:nope,3"), 2, "spec."),
+        (("predict", "ghost", x), 1, "not found"),
+        (("predict", "rule", x, "--version", "7"), 1, "not found"),
+        (("models", "create", "rule", "--input-dim", "4", "--layers", "3"), 1, "exists"),
+        (("versions", "label", "rule", "stable", "7"), 1, "not found"),
+    ]
+    for transport in ("grpc", "rest"):
+        for argv, expected, message in cases:
+            code, out, err = cli(*argv, transport=transport)
+            assert (code, out) == (expected, ""), (transport, argv, err)
+            assert err.startswith("propserve: ") and err.count("\n") == 1, (argv, err)
+            assert message in err, (transport, argv, err)
+
+
+@pytest.mark.parametrize("version", ["-1", "0", str(2**70)])
+def test_versions_out_of_range_exit_2_with_one_line(
+    cli: Cli, client: GrpcClient, tmp_path: Path, version: str
+) -> None:
+    create(cli, f"range{version[:3].strip('-')}")
+    name = f"range{version[:3].strip('-')}"
+    client.save_version(name)
+    np.save(tmp_path / "x.npy", np.zeros((1, N_FEATURES), np.float32))
+    for argv in (
+        ("predict", name, str(tmp_path / "x.npy"), "--version", version),
+        ("versions", "label", name, "stable", version),
+        ("versions", "rollback", name, version),
+    ):
+        for transport in ("grpc", "rest"):
+            code, out, err = cli(*argv, transport=transport)
+            assert (code, out) == (2, ""), (argv, err)
+            assert err == f"propserve: {wire.source_problem(int(version), None)}\n", argv
+    assert client.get_model(name).labels == {}
+
+
+def test_every_verbs_help_states_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    from propserve.clients.cli import main as cli_main  # noqa: PLC0415 - the module itself
+
+    for verb in (["train"], ["predict"], ["models", "create"], ["versions", "rollback"]):
+        with pytest.raises(SystemExit):
+            main([*verb, "--help"])
+        assert cli_main.EXIT_CODES in capsys.readouterr().out, verb
+    body = cli_main.EXIT_CODES.split("\n", 1)[1]
+    assert body in (cli_main.__doc__ or ""), "the module docstring states the same codes"
 
 
 def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -533,3 +590,182 @@ def test_argparse_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> Non
         main(["models", "create"])
     assert stopped.value.code == 2
     assert "the following arguments are required: name" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a bad file trains nothing
+
+
+def test_a_bad_file_is_refused_before_the_first_step(
+    cli: Cli, client: GrpcClient, tmp_path: Path
+) -> None:
+    """Checked against the model's spec before anything is sent: nothing is trained."""
+    x, y = blobs(12, seed=7)
+    create(cli, "checked")
+    label10 = y.copy()
+    label10[3] = 10
+    fractional = y.astype(np.float64)
+    fractional[5] = 1.5
+    nan = x.copy()
+    nan[4, 2] = np.nan
+    huge = x.astype(np.float64)
+    huge[6, 1] = 1e39  # finite, but not as the model's float32
+    files = {
+        "label10.npz": (
+            (x, label10),
+            "class label 10 at row 3 is out of range [0, 3) for model checked",
+        ),
+        "fractional.npz": ((x, fractional), "class labels must be whole numbers, row 5 has 1.5"),
+        "nan.npz": ((nan, y), "inputs hold a non-finite value (nan) at row 4, column 2"),
+        "huge.npz": ((huge, y), "inputs hold a non-finite value (inf) at row 6, column 1"),
+        "wide.npz": (
+            (np.ones((12, 5)), y),
+            "inputs have 5 features per row, model checked takes 4",
+        ),
+        "onehot.npz": (
+            (x, np.ones((12, 4))),
+            "targets must be class labels (rows,) or probabilities (rows, 3) for model checked, "
+            "got shape (12, 4)",
+        ),
+    }
+    for file, ((fx, fy), message) in files.items():
+        np.savez(tmp_path / file, x=fx, y=fy)
+        for transport in ("grpc", "rest"):
+            argv = ("train", "checked", str(tmp_path / file), "--batch-size", "2")
+            code, out, err = cli(*argv, transport=transport)
+            assert (code, out) == (2, ""), (file, err)
+            assert (
+                err
+                == f"propserve: bad data file {tmp_path / file}: {message}; nothing was trained\n"
+            )
+    assert client.get_model("checked").head_step == 0
+
+
+def test_a_refusal_midway_says_which_batches_stayed_applied(
+    cli: Cli, client: GrpcClient, tmp_path: Path
+) -> None:
+    """A refusal no local check can foresee: finite targets whose squared error is not."""
+    cli.ok("models", "create", "midway", "--input-dim", "4", "--layers", "3", "--loss", "mse",
+           "--dtype", "float64")  # fmt: skip
+    x = np.random.default_rng(8).normal(size=(6, 4))
+    y = np.zeros((6, 3))
+    y[2:4] = 1e200
+    np.savez(tmp_path / "midway.npz", x=x, y=y)
+    data = str(tmp_path / "midway.npz")
+    for step, transport in enumerate(("grpc", "rest")):
+        code, out, err = cli("train", "midway", data, "--batch-size", "2", transport=transport)
+        assert (code, out) == (1, ""), err
+        prefix = f"propserve: batches 0–0 applied (step {step} → {step + 1}); stopped at batch 1: "
+        assert err.startswith(prefix) and "refused" in err and err.count("\n") == 1, err
+        assert "batch 1: batch" not in err
+    assert client.get_model("midway").head_step == 2
+
+    # Several epochs: the epoch is named, and so are the versions saved before the refusal.
+    y[2:4] = 0.0
+    y[4:] = 1e200
+    np.savez(tmp_path / "later.npz", x=x, y=y)
+    code, _, err = cli(
+        "train", "midway", str(tmp_path / "later.npz"), "--batch-size", "2", "--epochs", "2",
+        "--save-every", "1",
+    )  # fmt: skip
+    assert code == 1
+    assert err.startswith(
+        "propserve: epoch 1/2: batches 0–1 applied (step 2 → 4); stopped at batch 2: "
+    ), err
+    assert err.rstrip().endswith("(saved before it: version 1, 2)"), err
+    assert client.get_model("midway").head_step == 4
+
+
+# ---------------------------------------------------------------- small things
+
+
+def test_files_that_are_not_what_their_name_says(cli: Cli, tmp_path: Path) -> None:
+    create(cli, "named")
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    np.save(tmp_path / "array.npy", np.zeros((2, N_FEATURES)))
+    (tmp_path / "array.npy").rename(tmp_path / "single.npz")
+    (tmp_path / "text.npy").write_text("1,2,3,4\n")
+    cases = {
+        ("train", "named", "text.npz"): "bad .npz file {}: not an .npz archive (a zip of "
+        "named arrays, as numpy.savez writes)",
+        ("predict", "named", "text.npz"): "bad .npz file {}: not an .npz archive",
+        ("train", "named", "single.npz"): "bad .npz file {}: it is a single array (.npy, "
+        "from numpy.save); an .npz holds named arrays (numpy.savez)",
+        ("predict", "named", "text.npy"): "bad .npy file {}: not a NumPy array file",
+    }
+    for (*argv, file), message in cases.items():
+        code, out, err = cli(*argv, str(tmp_path / file))
+        assert (code, out) == (2, ""), (file, err)
+        assert err.startswith("propserve: " + message.format(tmp_path / file)), err
+        assert err.count("\n") == 1 and "pickle" not in err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_must_be_a_positive_number_of_seconds(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["models", "list", "--timeout", timeout])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --timeout: must be a positive number of seconds, got '{timeout}'" in err
+
+
+@pytest.mark.parametrize("rest", ["localhost:8000", "127.0.0.1:8000"])
+def test_a_rest_address_without_its_scheme_is_bad_usage_with_a_hint(
+    rest: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "list", "--rest", rest]) == 2
+    assert capsys.readouterr().err == (
+        f"propserve: --rest {rest} is not a URL: add the scheme, e.g. --rest http://{rest} "
+        "(or https://)\n"
+    )
+    assert main(["models", "list", "--rest", "ftp://host:8000", "--grpc", "localhost:1"]) == 2
+    assert capsys.readouterr().err == (
+        "propserve: --rest ftp://host:8000: the REST API is http:// or https://\n"
+    )
+
+
+def test_train_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for option, default in {
+        "--x-key X_KEY": "x",
+        "--y-key Y_KEY": "y",
+        "--batch-size BATCH_SIZE": "32",
+        "--epochs EPOCHS": "1",
+        "--seed SEED": "0",
+        "--validation-split FRACTION": "0.0",
+        "--lr LR": "the model's own",
+        "--save-every N": "never",
+        "--timeout TIMEOUT": "30.0",
+        "--grpc HOST:PORT": "$PROPSERVE_GRPC or 127.0.0.1:50051",
+        "--rest URL": "$PROPSERVE_REST or http://127.0.0.1:8000",
+    }.items():
+        described = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {default}" in described, (option, described)
+
+
+def test_the_connection_comes_from_flags_then_the_environment(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("PROPSERVE_GRPC", server.grpc_target)
+    monkeypatch.setenv("PROPSERVE_REST", server.rest_url)
+    for transport in ("grpc", "rest"):
+        monkeypatch.setenv("PROPSERVE_TRANSPORT", transport)
+        assert main(["models", "list", "--json"]) == 0
+        # A flag wins over the environment.
+        assert main(["models", "list", "--grpc", dead, "--rest", f"http://{dead}"]) == 3
+        where = dead if transport == "grpc" else f"http://{dead}"
+        assert f"cannot reach the server at {where} ({transport})" in capsys.readouterr().err
+    monkeypatch.setenv("PROPSERVE_TRANSPORT", "carrier-pigeon")
+    assert main(["models", "list"]) == 2
+    assert "PROPSERVE_TRANSPORT=carrier-pigeon is not one of grpc, rest" in capsys.readouterr().err
+    monkeypatch.delenv("PROPSERVE_TRANSPORT")
+    monkeypatch.setenv("PROPSERVE_REST", "localhost:8000")
+    assert main(["models", "list", "--transport", "rest"]) == 2
+    assert capsys.readouterr().err == (
+        "propserve: PROPSERVE_REST=localhost:8000 is not a URL: add the scheme, e.g. "
+        "PROPSERVE_REST=http://localhost:8000 (or https://)\n"
+    )

@@ -12,7 +12,7 @@ import io
 import json
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +68,32 @@ def _column_index(header: list[str] | None, column: str, width: int, path: Path)
     return index % width
 
 
+#: How .npy files begin (numpy.lib.format); .npz files are zip archives of them.
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _load_npz(path: Path, keys: Sequence[str]) -> list[NDArray[Any]]:
+    # NOTE: look before np.load: on a file that is not an archive it tries to unpickle it
+    # (and refuses with a message about pickles), and on a .npy it returns an array.
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(len(_NPY_MAGIC))
+        archive_like = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if start == _NPY_MAGIC:
+        raise UsageError(
+            f"bad .npz file {path}: it is a single array (.npy, from numpy.save); "
+            "an .npz holds named arrays (numpy.savez)"
+        )
+    if not archive_like:
+        raise UsageError(
+            f"bad .npz file {path}: not an .npz archive (a zip of named arrays, as "
+            "numpy.savez writes)"
+        )
     try:
         # NOTE: open the file ourselves: np.load leaks its handle when the zip is corrupt.
         with path.open("rb") as handle, np.load(handle, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise UsageError(f"bad .npz file {path}: it holds a single array")
             missing = [k for k in keys if k not in archive.files]
             if missing:
                 raise UsageError(
@@ -115,15 +135,82 @@ def load_training_data(args: argparse.Namespace) -> tuple[NDArray[Any], NDArray[
     return x, y
 
 
-def as_targets(y: NDArray[Any], spec: dict[str, Any]) -> NDArray[Any]:
-    """Targets the loss accepts: int labels for softmax, (rows, outputs) floats otherwise."""
-    if spec.get("loss") == "softmax_cross_entropy" and y.ndim == 1:
-        if y.dtype.kind == "f" and not (np.all(np.isfinite(y)) and np.all(y == np.round(y))):
-            raise UsageError("class labels must be whole numbers")
-        return y.astype(np.int64)
-    if spec.get("loss") != "softmax_cross_entropy" and y.ndim == 1:
+def fit_to_model(
+    x: NDArray[Any], y: NDArray[Any], spec: dict[str, Any], source: str, model: str
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """(x, y) as the model takes them, checked here against its spec before anything is
+    sent, so that a bad file trains nothing: x (rows, input_dim) finite numbers in the
+    model's dtype; y integer class labels in [0, classes) or (rows, classes) non-negative
+    probabilities for softmax_cross_entropy, (rows, outputs) finite numbers otherwise (in
+    [0, 1] for binary_cross_entropy). The rules are the engine's (engine/inputs.py); a
+    test holds the two to the same answers."""
+
+    def bad(problem: str) -> UsageError:
+        return UsageError(f"bad data file {source}: {problem}; nothing was trained")
+
+    dtype = np.dtype(spec.get("dtype", "float32"))
+    width, outputs = spec["input_dim"], spec["layers"][-1]["units"]
+    if x.dtype.kind not in "biuf":
+        raise bad(f"inputs must be numbers, got {x.dtype}")
+    if x.shape[1] != width:
+        raise bad(f"inputs have {x.shape[1]} features per row, model {model} takes {width}")
+    x = _cast(x, dtype)
+    _require_finite(x, "inputs", bad)
+    if y.dtype.kind not in "biuf":
+        raise bad(f"targets must be numbers, got {y.dtype}")
+    if spec.get("loss") == "softmax_cross_entropy":
+        if y.ndim == 1:
+            if y.dtype.kind == "f":
+                _require_finite(y, "class labels", bad)
+                fractional = np.flatnonzero(y != np.round(y))
+                if fractional.size:
+                    row = int(fractional[0])
+                    raise bad(f"class labels must be whole numbers, row {row} has {y[row]}")
+            labels = y.astype(np.int64)
+            outside = np.flatnonzero((labels < 0) | (labels >= outputs))
+            if outside.size:
+                row = int(outside[0])
+                raise bad(
+                    f"class label {labels[row]} at row {row} is out of range [0, {outputs}) "
+                    f"for model {model}"
+                )
+            return x, labels
+        if y.shape[1:] != (outputs,):
+            raise bad(
+                f"targets must be class labels (rows,) or probabilities (rows, {outputs}) for "
+                f"model {model}, got shape {y.shape}"
+            )
+        probabilities = _cast(y, dtype)
+        _require_finite(probabilities, "class probabilities", bad)
+        if (probabilities < 0).any():
+            raise bad("class probabilities must be non-negative")
+        return x, probabilities
+    if y.ndim == 1 and outputs == 1:
         y = y.reshape(-1, 1)
-    return y.astype(spec.get("dtype", "float32"))
+    if y.shape[1:] != (outputs,):
+        raise bad(f"targets must have shape (rows, {outputs}) for model {model}, got {y.shape}")
+    values = _cast(y, dtype)
+    _require_finite(values, "targets", bad)
+    if spec.get("loss") == "binary_cross_entropy" and ((values < 0) | (values > 1)).any():
+        raise bad("binary cross-entropy targets must lie in [0, 1]")
+    return x, values
+
+
+def _cast(array: NDArray[Any], dtype: np.dtype[Any]) -> NDArray[Any]:
+    # NOTE: numbers beyond float32's range become inf here, which _require_finite reports.
+    with np.errstate(over="ignore"):
+        return array.astype(dtype, copy=False)
+
+
+def _require_finite(array: NDArray[Any], what: str, bad: Callable[[str], UsageError]) -> None:
+    """Refuse NaN and infinities (also those a cast to float32 makes of huge numbers)."""
+    if array.dtype.kind != "f":
+        return
+    found = np.argwhere(~np.isfinite(array))
+    if found.size:
+        at = tuple(int(i) for i in found[0])
+        where = f"row {at[0]}" + (f", column {at[1]}" if len(at) > 1 else "")
+        raise bad(f"{what} hold a non-finite value ({array[at]}) at {where}")
 
 
 def load_inputs(source: str | None, x_key: str) -> NDArray[Any]:
@@ -134,7 +221,7 @@ def load_inputs(source: str | None, x_key: str) -> NDArray[Any]:
     """
     if source is None or source == "-":
         raw = sys.stdin.buffer.read()
-        if raw.startswith(b"\x93NUMPY"):
+        if raw.startswith(_NPY_MAGIC):
             try:
                 return np.asarray(np.load(io.BytesIO(raw), allow_pickle=False))
             except (ValueError, EOFError) as exc:
@@ -147,6 +234,11 @@ def load_inputs(source: str | None, x_key: str) -> NDArray[Any]:
     if suffix == ".npy":
         try:
             with path.open("rb") as handle:
+                if handle.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+                    raise UsageError(
+                        f"bad .npy file {path}: not a NumPy array file (as numpy.save writes)"
+                    )
+                handle.seek(0)
                 return np.asarray(np.load(handle, allow_pickle=False))
         except (OSError, ValueError, EOFError) as exc:
             raise UsageError(f"bad .npy file {path}: {exc}") from None

@@ -1,0 +1,267 @@
+"""The methods every client has: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+
+One implementation for the four clients, in httpx's manner (BaseClient, Client and
+AsyncClient): everything that is not I/O (argument checks, request building, reply
+decoding, the retry policy, a training run's books) lives once in
+propserve.clients.calls; the transports' codecs build and read their own messages; the
+two classes here only send, and differ only in ``await``. Each transport then supplies
+three pieces of I/O: a unary call, a stream of training steps, and closing
+(propserve.clients.grpc_client, propserve.clients.rest_client).
+
+Why a shared base rather than generating the blocking code from the asyncio code (as
+httpcore does with unasync): what differs between the flavours is a few lines per
+transport, and each public method here is one line that calls the shared code, so a
+generator and its freshness check would guard very little; a base keeps one source that
+tools and readers see as it runs. Matching signatures are checked by a test.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Iterator,
+)
+from contextlib import aclosing, closing
+from typing import Any, Self, TypeVar
+
+from propserve.clients._progress import Progress
+from propserve.clients._retry import NO_RETRY, RetryPolicy
+from propserve.clients.calls import Call, Calls, Codec, TrainRun
+from propserve.clients.errors import ClientError
+from propserve.clients.types import Model, Prediction, StepResult, Version
+
+T = TypeVar("T")
+
+
+class BaseClient:
+    """What both flavours hold: the calls (checks, codec, retry decisions), the retry
+    policy, and the timeout of each unary call in seconds (None: no limit)."""
+
+    def __init__(self, codec: Codec, *, timeout: float | None, retry: RetryPolicy | None) -> None:
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._calls = Calls(codec)
+
+    def _policy(self, call: Call[Any]) -> RetryPolicy:
+        return self.retry if call.idempotent else NO_RETRY
+
+
+class Client(BaseClient, ABC):
+    """A blocking client: GrpcClient and RestClient. Errors are ClientError subclasses."""
+
+    # -- the transport's I/O -------------------------------------------------------------
+
+    @abstractmethod
+    def _send(self, request: Any) -> Any:
+        """One unary call's reply; a failure raises the ClientError for it."""
+
+    @abstractmethod
+    def _stream(self, requests: Iterator[Any]) -> Generator[Any, None, None]:
+        """The replies to a stream of training steps, in order, as they arrive (closing the
+        generator ends the stream)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close what the client opened (an injected channel or HTTP client stays open)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, call: Call[T]) -> T:
+        return call.read(self._policy(call).call(lambda: self._send(call.request)))
+
+    # -- models --------------------------------------------------------------------------
+
+    def create_model(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        *,
+        retain: int | None = None,
+        autosave_every: int | None = None,
+    ) -> Model:
+        """Create model ``name`` from ``spec``; ``retain`` and ``autosave_every`` default to
+        the server's."""
+        return self._call(self._calls.create_model(name, spec, retain, autosave_every))
+
+    def get_model(self, name: str) -> Model:
+        return self._call(self._calls.get_model(name))
+
+    def list_models(self) -> list[Model]:
+        return self._call(self._calls.list_models())
+
+    def delete_model(self, name: str) -> None:
+        return self._call(self._calls.delete_model(name))
+
+    def update_model(
+        self, name: str, *, retain: int | None = None, autosave_every: int | None = None
+    ) -> Model:
+        """Change the settings given; the others stay."""
+        return self._call(self._calls.update_model(name, retain, autosave_every))
+
+    # -- predicting and training ---------------------------------------------------------
+
+    def predict(
+        self, name: str, inputs: Any, *, version: int | None = None, label: str | None = None
+    ) -> Prediction:
+        """Outputs for ``inputs`` (batch, features) from the head, a saved ``version``, or
+        the version ``label`` names. Retried per ``retry``."""
+        return self._call(self._calls.predict(name, inputs, version, label))
+
+    def train_step(
+        self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None
+    ) -> StepResult:
+        """One training step on the head; never retried."""
+        return self._call(self._calls.train_step(name, inputs, targets, learning_rate))
+
+    def train(
+        self,
+        name: str,
+        batches: Iterable[tuple[Any, Any]],
+        *,
+        learning_rate: float | None = None,
+        progress: bool | Progress = False,
+        total: int | None = None,
+    ) -> list[StepResult]:
+        """Train on (inputs, targets) batches, in order; one result per batch.
+
+        Batches are read and checked as they are sent. A failure stops the run and raises
+        (never retried): the batches before it stay applied, and the error says which
+        (``error.applied``). ``progress=True`` shows a progress line on stderr (``total``:
+        the number of batches, if known); a Progress of your own is updated, not closed.
+        """
+        run = TrainRun(self._calls, name, learning_rate, progress, total)
+        try:
+            with closing(self._stream(run.requests(batches))) as replies:
+                for reply in replies:
+                    run.record(reply)
+        except ClientError as exc:
+            raise run.stopped(exc) from None
+        finally:
+            run.close()
+        return run.finish()
+
+    # -- versions and labels -------------------------------------------------------------
+
+    def save_version(self, name: str) -> Version:
+        """Save the head as the next version."""
+        return self._call(self._calls.save_version(name))
+
+    def list_versions(self, name: str) -> list[Version]:
+        return self._call(self._calls.list_versions(name))
+
+    def set_label(self, name: str, label: str, version: int) -> Model:
+        """Point ``label`` at ``version`` (moving it if it exists)."""
+        return self._call(self._calls.set_label(name, label, version))
+
+    def remove_label(self, name: str, label: str) -> Model:
+        return self._call(self._calls.remove_label(name, label))
+
+    def rollback(self, name: str, *, version: int | None = None, label: str | None = None) -> Model:
+        """Reset the head to a saved version (one of ``version`` or ``label``)."""
+        return self._call(self._calls.rollback(name, version, label))
+
+
+class AsyncClient(BaseClient, ABC):
+    """An asyncio client: AsyncGrpcClient and AsyncRestClient. The same methods as
+    :class:`Client`, awaited; ``train`` also takes an async iterable of batches."""
+
+    @abstractmethod
+    async def _send(self, request: Any) -> Any: ...
+
+    @abstractmethod
+    def _stream(self, requests: AsyncIterator[Any]) -> AsyncGenerator[Any, None]: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, call: Call[T]) -> T:
+        return call.read(await self._policy(call).acall(lambda: self._send(call.request)))
+
+    async def create_model(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        *,
+        retain: int | None = None,
+        autosave_every: int | None = None,
+    ) -> Model:
+        return await self._call(self._calls.create_model(name, spec, retain, autosave_every))
+
+    async def get_model(self, name: str) -> Model:
+        return await self._call(self._calls.get_model(name))
+
+    async def list_models(self) -> list[Model]:
+        return await self._call(self._calls.list_models())
+
+    async def delete_model(self, name: str) -> None:
+        return await self._call(self._calls.delete_model(name))
+
+    async def update_model(
+        self, name: str, *, retain: int | None = None, autosave_every: int | None = None
+    ) -> Model:
+        return await self._call(self._calls.update_model(name, retain, autosave_every))
+
+    async def predict(
+        self, name: str, inputs: Any, *, version: int | None = None, label: str | None = None
+    ) -> Prediction:
+        return await self._call(self._calls.predict(name, inputs, version, label))
+
+    async def train_step(
+        self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None
+    ) -> StepResult:
+        return await self._call(self._calls.train_step(name, inputs, targets, learning_rate))
+
+    async def train(
+        self,
+        name: str,
+        batches: Iterable[tuple[Any, Any]] | AsyncIterable[tuple[Any, Any]],
+        *,
+        learning_rate: float | None = None,
+        progress: bool | Progress = False,
+        total: int | None = None,
+    ) -> list[StepResult]:
+        run = TrainRun(self._calls, name, learning_rate, progress, total)
+        try:
+            async with aclosing(self._stream(run.arequests(batches))) as replies:
+                async for reply in replies:
+                    run.record(reply)
+        except ClientError as exc:
+            raise run.stopped(exc) from None
+        finally:
+            run.close()
+        return run.finish()
+
+    async def save_version(self, name: str) -> Version:
+        return await self._call(self._calls.save_version(name))
+
+    async def list_versions(self, name: str) -> list[Version]:
+        return await self._call(self._calls.list_versions(name))
+
+    async def set_label(self, name: str, label: str, version: int) -> Model:
+        return await self._call(self._calls.set_label(name, label, version))
+
+    async def remove_label(self, name: str, label: str) -> Model:
+        return await self._call(self._calls.remove_label(name, label))
+
+    async def rollback(
+        self, name: str, *, version: int | None = None, label: str | None = None
+    ) -> Model:
+        return await self._call(self._calls.rollback(name, version, label))
