@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -59,6 +60,20 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     installed = _run(folder / "bin" / "python", "-m", "pip", "install", wheel, cwd=folder.parent)
     assert installed.returncode == 0, installed.stderr
     return folder
+
+
+def test_every_package_folder_is_listed_for_the_wheel() -> None:
+    """pyproject.toml lists the packages by hand (the package-dir mapping needs it): a new
+    folder left off the list would be missing from the wheel."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {"propserve", "propserve.v1"}
+    for folder in ("engine", "service", "clients"):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT).parts
+            found.add(".".join(("propserve", *parts)))
+    assert listed == found
 
 
 def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:

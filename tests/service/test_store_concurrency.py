@@ -22,9 +22,13 @@ from propserve.service.errors import FailedPrecondition
 from propserve.service.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 30.0
+#: Reads the reader makes while the writer saves at least SAVES versions; BOUND_S only ends
+#: a run that would otherwise never finish.
+READS, SAVES, BOUND_S = 1000, 100, 120.0
+TIMEOUT_S = BOUND_S + 30.0
 
-HELPERS = """
+HELPERS = f"""
+READS, SAVES = {READS}, {SAVES}
 import random
 def make_state(step, size):
     return random.Random(step).randbytes(size)
@@ -33,17 +37,17 @@ def make_state(step, size):
 WRITER = (
     HELPERS
     + """
-import sys, time
+import os, sys, time
 from propserve.service.store import ModelStore
-root, seconds = sys.argv[1], float(sys.argv[2])
+root, stop, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 store = ModelStore(root)
 store.create_model("m", {"units": [3]}, {"retain": 3})
 store.save_version("m", make_state(0, 1000), step=0)
 store.set_label("m", "stable", 1)
 print("ready", flush=True)
 deadline, saves = time.monotonic() + seconds, 0
-for step in range(1, 5000):
-    if time.monotonic() > deadline:
+for step in range(1, 100_000):
+    if os.path.exists(stop) or time.monotonic() > deadline:  # the reader is done
         break
     meta = store.save_version("m", make_state(step, 1000 + 37 * step % 200_000), step=step)
     if step % 4 == 0:
@@ -60,14 +64,18 @@ READER = (
 import json, random, sys, time
 from propserve.service.errors import NotFound, PropserveError
 from propserve.service.store import ModelStore
-root, seconds = sys.argv[1], float(sys.argv[2])
+root, stop, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 store = ModelStore(root, read_only=True)
 rng = random.Random(0)
 reads = vanished = 0
 errors = []
+# Until enough reads have overlapped enough saves (counted, not timed: a busy machine only
+# takes longer); the deadline only bounds a broken run.
 deadline = time.monotonic() + seconds
 for _ in range(1_000_000):
     if time.monotonic() > deadline or len(errors) > 20:
+        break
+    if reads >= READS and store.latest_version("m").version > SAVES:
         break
     try:
         listing = store.list_versions("m")
@@ -88,6 +96,7 @@ for _ in range(1_000_000):
         vanished += 1  # removed by retention (or the label moved) since we looked
     except PropserveError as exc:
         errors.append(f"{type(exc).__name__}: {exc}")
+open(stop, "w").close()
 print(json.dumps({"reads": reads, "vanished": vanished, "errors": errors}), flush=True)
 """
 )
@@ -131,12 +140,12 @@ def _expect_ready(proc: subprocess.Popen[str]) -> None:
 
 
 def test_reader_never_sees_a_partial_version(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    writer = _spawn(WRITER, root, 4.0)
+    root, stop = tmp_path / "store", tmp_path / "stop"
+    writer = _spawn(WRITER, root, stop, BOUND_S)
     reader: subprocess.Popen[str] | None = None
     try:
         _expect_ready(writer)
-        reader = _spawn(READER, root, 4.0)
+        reader = _spawn(READER, root, stop, BOUND_S)
         out, err = reader.communicate(timeout=TIMEOUT_S)
         assert reader.returncode == 0, err[-3000:]
         result = json.loads(out)
@@ -145,8 +154,8 @@ def test_reader_never_sees_a_partial_version(tmp_path: Path) -> None:
     finally:
         _kill(writer, *([reader] if reader else []))
     assert result["errors"] == []
-    assert result["reads"] >= 1000, result
-    assert int(w_out.split()[-1]) >= 100, "the writer barely ran: the test proved little"
+    assert result["reads"] >= READS, result
+    assert int(w_out.split()[-1]) >= SAVES, "the writer barely ran: the test proved little"
 
 
 def test_second_writer_process_is_refused_and_readers_allowed(tmp_path: Path) -> None:
