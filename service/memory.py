@@ -155,8 +155,6 @@ class IdleTrim:
         self._release = release
         self._idle = idle
         self._seen = self._released = activity()
-        #: Releases done so far.
-        self.releases = 0
 
     def due(self) -> bool:
         """One look (run() takes one every ``idle`` seconds): True when the burst seen is
@@ -182,7 +180,6 @@ class IdleTrim:
                 await asyncio.get_running_loop().run_in_executor(None, self._release)
             except Exception:  # never fatal: the memory just stays with the process
                 log.exception("memory.trim_failed")
-            self.releases += 1
 
 
 def after_bursts(
