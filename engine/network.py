@@ -57,6 +57,17 @@ class Params:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckedBatch:
+    """A training batch validated by :meth:`Network.check_batch`, for that network's spec:
+    x (batch, input_dim) and y in the form the loss takes, and the learning rate."""
+
+    spec: ModelSpec
+    x: Array
+    y: Array
+    lr: float
+
+
+@dataclass(frozen=True, slots=True)
 class TrainResult:
     """What one training step reports: the loss on the batch before the update, the accuracy
     for classification losses (None for mse), and the step count after the update."""
@@ -284,19 +295,19 @@ class Network:
             self._backward(params, x, ws, self._grad_w, self._grad_b)
             return loss, self._grad.copy()
 
-    def train_step(
-        self,
-        x: Any,
-        y: Any,
-        *,
-        lr: float | None = None,
-    ) -> TrainResult:
+    def train_step(self, x: Any, y: Any, *, lr: float | None = None) -> TrainResult:
         """Forward, loss, backward and one optimizer update on the batch (x, y).
 
         x: (batch, input_dim); y: see :func:`engine.inputs.check_targets`. ``lr`` overrides the
         spec's learning rate for this step. Raises InputError for bad input and DivergedError
-        when the loss or the new parameters are not finite; either way nothing changes.
+        when the loss or the new parameters are not finite; either way nothing changes. The
+        same as :meth:`apply` of :meth:`check_batch`.
         """
+        return self.apply(self.check_batch(x, y, lr=lr))
+
+    def check_batch(self, x: Any, y: Any, *, lr: float | None = None) -> CheckedBatch:
+        """(x, y, lr) validated for a training step: in the network's dtype, finite, the
+        targets matching the loss (InputError otherwise). Nothing changes."""
         spec = self.spec
         x = check_inputs(spec, x)
         y = check_targets(spec, y, x.shape[0])
@@ -308,6 +319,14 @@ class Network:
             or not (math.isfinite(lr) and lr >= 0)
         ):
             raise InputError(f"learning rate must be a finite number >= 0, got {lr!r}")
+        return CheckedBatch(self.spec, x, y, float(lr))
+
+    def apply(self, batch: CheckedBatch) -> TrainResult:
+        """One training step on a batch :meth:`check_batch` accepted (DivergedError, with
+        nothing changed, when the loss or the new parameters are not finite)."""
+        if batch.spec is not self.spec and batch.spec != self.spec:
+            raise InputError("the batch was checked for another model spec")
+        spec, x, y, lr = self.spec, batch.x, batch.y, batch.lr
         # NOTE: overflow and invalid operations are detected below from the loss and the new
         # parameters, and refused; numpy's warnings about them would only be noise.
         with self._lock, np.errstate(all="ignore"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -33,13 +34,14 @@ from propserve.service.errors import InvalidArgument, PropserveError, Unavailabl
 from propserve.service.logs import request_id as valid_request_id
 from propserve.service.metrics import Metrics
 from propserve.service.models import Models, Prediction
-from propserve.service.workers import Workers, default_threads
+from propserve.service.workers import TwoPhase, Workers, default_threads
 
 log = logging.getLogger("propserve.requests")
 
-#: Steps of a Train stream that may be submitted before the client's next batch is read:
-#: the running one and one queued behind it, so the worker goes from one to the next.
-TRAIN_AHEAD = 2
+#: Steps of a Train stream that may be pending before the client's next batch is read: the
+#: running one, one queued behind it (so the worker goes from one to the next), and a
+#: finished one whose result is handed over when the next begins (see OrderedQueue).
+TRAIN_AHEAD = 3
 
 
 class Call:
@@ -283,11 +285,16 @@ class DataPlane:
                     failure = _in_batch(index, exc)
                     break
                 step = steps.submit(
-                    self.models.train_step,
-                    name,
-                    batch.inputs,
-                    batch.targets,
-                    learning_rate=batch.learning_rate,
+                    TwoPhase(
+                        functools.partial(
+                            self.models.prepare_step,
+                            name,
+                            batch.inputs,
+                            batch.targets,
+                            learning_rate=batch.learning_rate,
+                        ),
+                        self.models.apply_step,
+                    )
                 )
                 pending.append((index, step))
                 index += 1

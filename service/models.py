@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 
 from propserve import wire
 from propserve.engine import (
+    CheckedBatch,
     DivergedError,
     EngineError,
     InputError,
@@ -96,6 +97,14 @@ class PredictQuery:
     def multiply_adds(self) -> int:
         """The forward pass's size: rows x parameters."""
         return self.rows * self.model.spec.n_params
+
+
+@dataclass(frozen=True)
+class PreparedStep:
+    """A training step's batch validated for its model (see :meth:`Models.prepare_step`)."""
+
+    model: LiveModel
+    batch: CheckedBatch
 
 
 class LiveModel:
@@ -352,13 +361,39 @@ class Models:
         learning_rate: float | None = None,
     ) -> wire.StepResult:
         """One step on the head. Bad input or a diverging step changes nothing."""
+        return self.apply_step(
+            self.prepare_step(name, inputs, targets, learning_rate=learning_rate)
+        )
+
+    def prepare_step(
+        self,
+        name: str,
+        inputs: NDArray[Any],
+        targets: NDArray[Any],
+        *,
+        learning_rate: float | None = None,
+    ) -> PreparedStep:
+        """A training step's batch, validated for the model (InvalidArgument otherwise),
+        ready for :meth:`apply_step`; nothing changes."""
         self._check_open()
         model = self._model(name)
         self._check_rows(inputs)
+        try:
+            batch = model.network.check_batch(inputs, targets, lr=learning_rate)
+        except EngineError as exc:
+            raise to_service_error(exc) from None
+        return PreparedStep(model, batch)
+
+    def apply_step(self, prepared: PreparedStep) -> wire.StepResult:
+        """One step on the head with a batch :meth:`prepare_step` accepted. A diverging step
+        changes nothing."""
+        self._check_open()
+        model = prepared.model
+        name = model.record.name
         with model.lock:
             self._check_alive(model)
             try:
-                result = model.network.train_step(inputs, targets, lr=learning_rate)
+                result = model.network.apply(prepared.batch)
             except DivergedError as exc:
                 self.metrics.refused_steps.labels(name).inc()
                 log.warning("model.step_refused", extra={"model": name, "reason": str(exc)})
@@ -372,7 +407,7 @@ class Models:
             every = int(model.record.settings.get("autosave_every", 0))
             if every and result.step % every == 0:
                 saved = self._save_locked(model).version
-        rows = int(inputs.shape[0])
+        rows = int(prepared.batch.x.shape[0])
         self.metrics.training_samples.labels(name).inc(rows)
         self.metrics.training_steps.labels(name).inc()
         self.metrics.step.labels(name).set(result.step)

@@ -8,17 +8,20 @@ in its matrix products, so workers compute in parallel with the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from propserve.service.errors import TooBusy, Unavailable
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 
 def default_threads() -> int:
@@ -80,25 +83,41 @@ class Workers:
         self.executor.shutdown(wait=True)
 
 
+@dataclass(frozen=True)
+class TwoPhase(Generic[P, T]):
+    """A call in two parts for an OrderedQueue: ``prepare`` (quick checks, in Python) and
+    ``run`` (the work, mostly matrix products that release the GIL)."""
+
+    prepare: Callable[[], P]
+    run: Callable[[P], T]
+
+
 class OrderedQueue:
     """Calls that run one after another, in submission order, in a worker thread, with no
     turn of the event loop between one call's end and the next one's start (a training
     stream's steps). After a call fails, the calls queued behind it do not run: their futures
-    are cancelled. Each call's outcome reaches the loop as soon as the call returns."""
+    are cancelled.
+
+    A call's outcome reaches the event loop at once when nothing is queued behind it.
+    Otherwise it is handed over when the next call, a :class:`TwoPhase`, has prepared and
+    begins its work: the loop's handling of the result (answering, reading the next
+    request) then overlaps that work's first matrix product instead of contending with the
+    worker for the GIL between steps (see docs/performance.md#train-streams)."""
 
     def __init__(self, workers: Workers) -> None:
         self._workers = workers
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
-        self._queue: deque[tuple[Callable[[], Any], asyncio.Future[Any]]] = deque()
+        self._queue: deque[tuple[Callable[[], Any] | TwoPhase[Any, Any], asyncio.Future[Any]]]
+        self._queue = deque()
         self._active = False
         self._failed = False
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    def submit(self, call: Callable[[], T] | TwoPhase[Any, T]) -> asyncio.Future[T]:
         future: asyncio.Future[T] = self._loop.create_future()
         self._workers.track(future)
         with self._lock:
-            self._queue.append((functools.partial(fn, *args, **kwargs), future))
+            self._queue.append((call, future))
             start = not self._active
             self._active = True
         if start:
@@ -115,35 +134,51 @@ class OrderedQueue:
         return future
 
     def _drain(self) -> None:
+        held: list[tuple[asyncio.Future[Any], Any]] = []  # the last outcome, not handed over
         while True:
             with self._lock:
                 if not self._queue:
                     self._active = False
+                    self._hand_over(held)
                     return
                 call, future = self._queue.popleft()
                 failed = self._failed
             if failed:
-                self._hand_over(future, None, cancel=True)
+                self._hand_over(held)
+                self._cancel(future)
                 continue
             try:
-                outcome = call()
+                if isinstance(call, TwoPhase):
+                    prepared = call.prepare()
+                    self._hand_over(held)
+                    outcome = call.run(prepared)
+                else:
+                    self._hand_over(held)
+                    outcome = call()
             except BaseException as exc:
                 outcome = exc
                 with self._lock:
                     self._failed = True
-            self._hand_over(future, outcome)
+                self._hand_over(held)
+            held.append((future, outcome))
 
-    def _hand_over(
-        self, future: asyncio.Future[Any], outcome: Any, *, cancel: bool = False
-    ) -> None:
-        """Settle ``future`` with ``outcome`` on the loop's thread, or cancel it."""
-        try:
-            if cancel:
-                self._loop.call_soon_threadsafe(future.cancel)
-            else:
-                self._loop.call_soon_threadsafe(_settle, future, outcome)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+    def _hand_over(self, held: list[tuple[asyncio.Future[Any], Any]]) -> None:
+        """Settle the held outcomes' futures on the loop's thread."""
+        if not held:
+            return
+        outcomes = list(held)
+        held.clear()
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self._loop.call_soon_threadsafe(_settle_all, outcomes)
+
+    def _cancel(self, future: asyncio.Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(future.cancel)
+
+
+def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, outcome in outcomes:
+        _settle(future, outcome)
 
 
 def _settle(future: asyncio.Future[Any], outcome: Any) -> None:

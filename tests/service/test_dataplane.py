@@ -5,6 +5,7 @@ call context (draining, authorisation, metrics, logs) and the Train stream's pip
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import threading
@@ -35,6 +36,7 @@ from propserve.service.errors import (
 from propserve.service.metrics import Metrics
 from propserve.service.models import Models, Prediction
 from propserve.service.store import ModelStore
+from propserve.service.workers import TwoPhase
 
 T = TypeVar("T")
 
@@ -351,7 +353,7 @@ def test_busy_counts_calls_in_workers_until_they_finish(models: Models) -> None:
     async def hold_three() -> None:
         offloaded = asyncio.ensure_future(plane.workers.run(release.wait, 10))
         queue = plane.workers.ordered()
-        queued = [queue.submit(release.wait, 10), queue.submit(lambda: 1)]
+        queued = [queue.submit(lambda: release.wait(10)), queue.submit(lambda: 1)]
         await asyncio.sleep(0.01)
         seen.append(plane.workers.busy)
         release.set()
@@ -382,7 +384,7 @@ def test_an_ordered_queue_runs_calls_in_order_and_stops_after_a_failure(models: 
 
     async def six() -> list[Any]:
         queue = plane.workers.ordered()
-        futures = [queue.submit(call, i) for i in range(6)]
+        futures = [queue.submit(functools.partial(call, i)) for i in range(6)]
         return list(await asyncio.gather(*futures, return_exceptions=True))
 
     try:
@@ -395,27 +397,98 @@ def test_an_ordered_queue_runs_calls_in_order_and_stops_after_a_failure(models: 
     assert all(isinstance(r, asyncio.CancelledError) for r in results[4:])
 
 
-def test_an_ordered_queue_hands_each_result_over_as_its_call_ends(models: Models) -> None:
-    """A step's result reaches the loop while the next step still runs: a stream's answers
-    never wait for the step behind them."""
+def test_an_ordered_queue_hands_a_result_over_at_once_with_nothing_behind_it(
+    models: Models,
+) -> None:
+    """A client that waits for each step's result before sending the next gets every one
+    without waiting for another step."""
     plane = plane_for(models)
-    release = threading.Event()
 
-    async def overlap() -> tuple[int, bool]:
+    async def one_by_one() -> list[int]:
         queue = plane.workers.ordered()
-        first = queue.submit(lambda: 1)
-        later = queue.submit(release.wait, 30)  # runs until released
-        value = await first  # would never come if results waited for the next call's end
-        still_running = not later.done()
-        release.set()
-        await later
-        return value, still_running
+        return [await queue.submit(functools.partial(int, i)) for i in range(3)]
 
     try:
-        assert run(overlap()) == (1, True)
+        assert run(one_by_one()) == [0, 1, 2]
     finally:
+        plane.close()
+
+
+def test_an_ordered_queue_hands_a_result_over_when_the_next_two_phase_call_prepared(
+    models: Models,
+) -> None:
+    """With calls queued back to back, a result reaches the loop once the next call has
+    prepared, while its work still runs; a one-phase call lets it through before it runs."""
+    plane = plane_for(models)
+    gate, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def prepare(i: int, delivered: list[threading.Event]) -> int:
+        seen.append(f"{i - 1} {'early' if delivered[i - 1].is_set() else 'held'}")
+        return i
+
+    def work(i: int, delivered: list[threading.Event]) -> int:
+        seen.append(f"{i - 1} {'arrived' if delivered[i - 1].wait(10) else 'lost'}")
+        return i
+
+    async def three() -> list[Any]:
+        queue = plane.workers.ordered()
+        delivered = [threading.Event() for _ in range(3)]
+        futures = [queue.submit(lambda: gate.wait(10) and 0)]  # holds the worker
+        futures += [
+            queue.submit(
+                TwoPhase(
+                    functools.partial(prepare, i, delivered),
+                    functools.partial(work, delivered=delivered),
+                )
+            )
+            for i in (1, 2)
+        ]
+        for event, future in zip(delivered, futures, strict=True):
+            future.add_done_callback(lambda _, event=event: event.set())
+        await asyncio.sleep(0.01)
+        gate.set()
+        return list(await asyncio.gather(*futures))
+
+    try:
+        assert run(three()) == [0, 1, 2]
+    finally:
+        gate.set()
         release.set()
         plane.close()
+    assert seen == ["0 held", "0 arrived", "1 held", "1 arrived"]
+
+
+def test_an_ordered_queue_hands_a_held_result_over_before_a_failure(models: Models) -> None:
+    plane = plane_for(models)
+    gate = threading.Event()
+    order: list[str] = []
+
+    def refuse() -> None:
+        raise InvalidArgument("bad batch")
+
+    async def held_then_failing() -> list[Any]:
+        queue = plane.workers.ordered()
+        futures = [
+            queue.submit(lambda: gate.wait(10)),  # its result is held while the next prepares
+            queue.submit(TwoPhase(refuse, lambda _: "never")),
+            queue.submit(lambda: "never"),
+        ]
+        for name, future in zip(("gate", "fail", "never"), futures, strict=True):
+            future.add_done_callback(lambda _, name=name: order.append(name))
+        await asyncio.sleep(0.01)
+        gate.set()
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    try:
+        results = run(held_then_failing())
+    finally:
+        gate.set()
+        plane.close()
+    assert results[0] is True
+    assert isinstance(results[1], InvalidArgument)
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert order == ["gate", "fail", "never"]
 
 
 def test_an_ordered_queue_keeps_going_after_it_runs_dry(models: Models) -> None:
