@@ -414,6 +414,14 @@ def test_an_ordered_queue_hands_a_result_over_at_once_with_nothing_behind_it(
         plane.close()
 
 
+def _set(event: threading.Event, future: asyncio.Future[Any]) -> None:
+    event.set()
+
+
+def _append(order: list[str], name: str, future: asyncio.Future[Any]) -> None:
+    order.append(name)
+
+
 def test_an_ordered_queue_hands_a_result_over_when_the_next_two_phase_call_prepared(
     models: Models,
 ) -> None:
@@ -445,7 +453,7 @@ def test_an_ordered_queue_hands_a_result_over_when_the_next_two_phase_call_prepa
             for i in (1, 2)
         ]
         for event, future in zip(delivered, futures, strict=True):
-            future.add_done_callback(lambda _, event=event: event.set())
+            future.add_done_callback(functools.partial(_set, event))
         await asyncio.sleep(0.01)
         gate.set()
         return list(await asyncio.gather(*futures))
@@ -469,13 +477,13 @@ def test_an_ordered_queue_hands_a_held_result_over_before_a_failure(models: Mode
 
     async def held_then_failing() -> list[Any]:
         queue = plane.workers.ordered()
-        futures = [
+        futures: list[asyncio.Future[Any]] = [
             queue.submit(lambda: gate.wait(10)),  # its result is held while the next prepares
             queue.submit(TwoPhase(refuse, lambda _: "never")),
             queue.submit(lambda: "never"),
         ]
         for name, future in zip(("gate", "fail", "never"), futures, strict=True):
-            future.add_done_callback(lambda _, name=name: order.append(name))
+            future.add_done_callback(functools.partial(_append, order, name))
         await asyncio.sleep(0.01)
         gate.set()
         return list(await asyncio.gather(*futures, return_exceptions=True))
