@@ -128,7 +128,10 @@ class ModelStore:
             self._lock.release()
             raise
         if removed:
-            log.info("store.cleanup root=%s staging_leftovers_removed=%d", self._root, removed)
+            log.info(
+                "store.cleanup",
+                extra={"root": str(self._root), "staging_leftovers_removed": removed},
+            )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -230,7 +233,9 @@ class ModelStore:
             except (InvalidArgument, NotFound):
                 continue  # not a model, or deleted since the scan
             except DataLoss as exc:
-                log.warning("store.skip_model root=%s reason=%s", self._root, exc.message)
+                log.warning(
+                    "store.skip_model", extra={"root": str(self._root), "reason": exc.message}
+                )
                 continue
             records.append(record)
         return records
@@ -346,7 +351,7 @@ class ModelStore:
             except NotFound:
                 continue  # removed by retention since the scan
             except DataLoss as exc:
-                log.warning("store.skip_version reason=%s", exc.message)
+                log.warning("store.skip_version", extra={"reason": exc.message})
         return metas
 
     def load_version(self, name: str, version: int) -> tuple[VersionMeta, bytes]:
@@ -407,7 +412,7 @@ class ModelStore:
             except NotFound:
                 continue
             except DataLoss as exc:
-                log.warning("store.skip_version reason=%s", exc.message)
+                log.warning("store.skip_version", extra={"reason": exc.message})
         return None
 
     # --- labels -----------------------------------------------------------------------
@@ -540,9 +545,8 @@ class ModelStore:
         self._remember(name, meta.version, ident, meta.sha256, ok)
         if not ok:
             log.warning(
-                "store.corrupt_version model=%s version=%d reason=sha256 mismatch",
-                name,
-                meta.version,
+                "store.corrupt_version",
+                extra={"model": name, "version": meta.version, "reason": "sha256 mismatch"},
             )
         return ok
 
@@ -571,4 +575,4 @@ class ModelStore:
             self._reaper.put(folder)
         for v in doomed:
             self._verdicts.pop((name, v), None)
-        log.info("store.retention model=%s removed=%s", name, doomed)
+        log.info("store.retention", extra={"model": name, "removed": doomed})

@@ -180,6 +180,8 @@ def test_client_text_never_rewrites_a_log_lines_fields(
         assert line["level"] in ("debug", "info", "warning", "error"), line
         assert line["event"] != FORGED_EVENT, line
         assert line["logger"].startswith(("propserve", "grpc", "asyncio", "py.warnings")), line
+        if line["logger"].startswith("propserve"):  # ours name an event and carry fields
+            assert "message" not in line and line["event"] != "log", line
     failed = [line for line in lines if line["event"] == "request.failed"]
     assert any("level=critical" in str(line.get("reason")) for line in failed)  # as data
 
