@@ -3,10 +3,15 @@
 The adapters (gRPC, REST) only convert between their wire and the core's types; everything
 around a request happens here, the same way for every transport:
 
-- the request context (:class:`Call`): draining, authorisation, the request id, timing,
-  metrics, and the log line of a failure;
+- the request context (:meth:`DataPlane.call`, see propserve.service.calls): draining,
+  authorisation, the request id, timing, metrics, and the log line of a failure;
 - offloading: cheap calls run inline, slow ones in worker threads (with admission);
-- batching: concurrent predictions on one model share forward passes;
+- batching (:class:`Batcher`): concurrent predictions on the same weights share forward
+  passes. A query joins its lane (model, source) and the lane's next pass starts at the end
+  of the current turn of the event loop, so every query that arrived in the same wake-up
+  shares it; nothing waits for a batch to fill. Small passes run on the loop's thread, where
+  a hop to a worker would cost more than the pass; larger ones in a worker, while the next
+  queries gather for the pass after it (see docs/operations.md#batching);
 - the Train stream's pipeline: steps run in order while the next batches are read.
 """
 
@@ -16,27 +21,24 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from types import TracebackType
+from dataclasses import dataclass, field
 from typing import Any
 
 from numpy.typing import NDArray
 
 from propserve import wire
 from propserve.service.auth import Authenticator
-from propserve.service.batching import Batcher
 from propserve.service.busypoll import BusyPoll
+from propserve.service.calls import Call
 from propserve.service.config import Settings
-from propserve.service.errors import InvalidArgument, PropserveError, Unavailable, code_of
-from propserve.service.logs import request_id as valid_request_id
+from propserve.service.errors import InvalidArgument, PropserveError, TooBusy, Unavailable
 from propserve.service.metrics import Metrics
-from propserve.service.models import Models, Prediction
+from propserve.service.models import Models, Prediction, PredictQuery
 from propserve.service.workers import TwoPhase, Workers, default_threads
 
-log = logging.getLogger("propserve.requests")
+log = logging.getLogger("propserve.dataplane")
 
 #: Steps of a Train stream that may be pending before the client's next batch is read: the
 #: running one, one queued behind it (so the worker goes from one to the next), and a
@@ -44,98 +46,151 @@ log = logging.getLogger("propserve.requests")
 TRAIN_AHEAD = 3
 
 
-class Call:
-    """One request's context, entered for its whole life (a stream's included)::
+# -- batching ----------------------------------------------------------------------------
 
-        with plane.call("Predict", "grpc", request_id=..., authorization=...) as call:
-            ...
+#: A pass of up to this many multiply-adds (rows x parameters) runs on the loop's thread:
+#: about 60 rows of a 0.5M-parameter model, well under a millisecond.
+INLINE_MULTIPLY_ADDS = 1 << 25
 
-    Entering refuses the call while the server drains (Unavailable) and authorises it; the
-    exit counts it by operation, transport and wire code, with its latency, and logs a
-    failure (a bug with its traceback). An adapter that answered an error without raising it
-    through the ``with`` block records it with :meth:`fail`."""
+#: Lanes kept when idle, for the next queries on the same weights.
+MAX_IDLE_LANES = 64
 
-    __slots__ = (
-        "authorization",
-        "error",
-        "operation",
-        "plane",
-        "request_id",
-        "start",
-        "transport",
-    )
+Waiter = asyncio.Future[Prediction]
+
+
+@dataclass
+class _Lane:
+    """Queued queries of one (model, source) and how many of its passes are computing."""
+
+    queue: deque[tuple[PredictQuery, Waiter]] = field(default_factory=deque)
+    queued_rows: int = 0
+    running: int = 0
+    scheduled: bool = False
+
+
+class Batcher:
+    """Groups prediction queries into forward passes. A lane runs at most ``max_running``
+    passes at once; queries arriving meanwhile wait for the next, so passes grow with the
+    load. At most ``max_queued_rows`` rows wait per lane (TooBusy beyond)."""
 
     def __init__(
         self,
-        plane: DataPlane,
-        operation: str,
-        transport: str,
-        request_id: str | None,
-        authorization: str | None,
+        models: Models,
+        workers: Workers,
+        *,
+        max_rows: int,
+        max_queued_rows: int,
+        max_running: int,
     ) -> None:
-        self.plane = plane
-        self.operation = operation
-        self.transport = transport
-        self.request_id = valid_request_id(request_id)
-        self.authorization = authorization
-        self.error: BaseException | None = None
-        self.start = time.perf_counter()
+        self.models = models
+        self.workers = workers
+        self.max_rows = max(1, max_rows)
+        self.max_queued_rows = max(1, max_queued_rows)
+        self.max_running = max(1, max_running)
+        self._lanes: dict[Any, _Lane] = {}
 
-    def __enter__(self) -> Call:
-        plane = self.plane
-        if plane.draining:
-            self._finish(Unavailable("the server is shutting down"))
-            raise Unavailable("the server is shutting down")
-        try:
-            plane.auth.authorize(self.authorization, self.operation)
-        except PropserveError as exc:
-            self._finish(exc)
-            raise
-        plane.in_flight += 1
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        plane = self.plane
-        plane.in_flight -= 1
-        if not plane.in_flight and plane.idle is not None:
-            plane.idle.set()
-        self._finish(exc or self.error)
-
-    def fail(self, exc: BaseException) -> None:
-        """Record ``exc`` as the call's outcome, answered by the adapter."""
-        self.error = exc
-
-    def _finish(self, exc: BaseException | None) -> None:
-        plane = self.plane
-        plane.metrics.observe(
-            self.operation,
-            self.transport,
-            "ok" if exc is None else code_of(exc).name,
-            time.perf_counter() - self.start,
-        )
-        if exc is None or isinstance(exc, asyncio.CancelledError):
-            return
-        fields = {
-            "transport": self.transport,
-            "operation": self.operation,
-            "request_id": self.request_id,
-        }
-        if isinstance(exc, PropserveError):
-            log.info(
-                "request.failed", extra=fields | {"code": exc.code.name, "reason": exc.message}
+    def submit(self, query: PredictQuery) -> Waiter:
+        """A future of ``query``'s prediction (its weights must be loaded); raises TooBusy,
+        queueing nothing, when the lane's queue is full."""
+        key = query.key
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        elif lane.queued_rows >= self.max_queued_rows:
+            raise TooBusy(
+                f"{lane.queued_rows:,} rows of predictions on model "
+                f"{query.model.record.name!r} are waiting already (the limit is "
+                f"{self.max_queued_rows:,}); try again later"
             )
+        loop = asyncio.get_running_loop()
+        waiter: Waiter = loop.create_future()
+        lane.queue.append((query, waiter))
+        lane.queued_rows += query.rows
+        if not lane.scheduled and lane.running < self.max_running:
+            lane.scheduled = True
+            # NOTE: call_soon runs after the loop has handled everything that arrived in the
+            # same wake-up, so those queries share the pass.
+            loop.call_soon(self._flush, key, lane)
+        return waiter
+
+    def _take(self, lane: _Lane) -> tuple[list[tuple[PredictQuery, Waiter]], int]:
+        """The next pass's queries from the lane's queue, and their rows."""
+        batch = [lane.queue.popleft()]
+        rows = batch[0][0].rows
+        while lane.queue and rows + lane.queue[0][0].rows <= self.max_rows:
+            batch.append(lane.queue.popleft())
+            rows += batch[-1][0].rows
+        lane.queued_rows -= rows
+        return batch, rows
+
+    def _flush(self, key: Any, lane: _Lane) -> None:
+        lane.scheduled = False
+        while lane.queue and lane.running < self.max_running:
+            batch, rows = self._take(lane)
+            queries = [query for query, _ in batch]
+            if lane.running == 0 and rows * queries[0].model.spec.n_params <= INLINE_MULTIPLY_ADDS:
+                _resolve(batch, self._compute(queries))
+                continue
+            try:
+                work = self.workers.start(self._compute, queries)
+            except Unavailable as exc:
+                _resolve(batch, [exc] * len(batch))
+                continue
+            lane.running += 1
+            work.add_done_callback(functools.partial(self._finished, key, lane, batch))
+        self._forget_idle()
+
+    def _compute(self, queries: list[PredictQuery]) -> list[Prediction | Exception]:
+        try:
+            return self.models.predict_batch(queries)
+        except Exception as exc:
+            return [exc] * len(queries)
+
+    def _finished(
+        self,
+        key: Any,
+        lane: _Lane,
+        batch: list[tuple[PredictQuery, Waiter]],
+        work: asyncio.Future[list[Prediction | Exception]],
+    ) -> None:
+        lane.running -= 1
+        try:
+            results = work.result()
+        except BaseException as exc:
+            results = [Unavailable(f"the prediction did not run: {exc!r}")] * len(batch)
+        _resolve(batch, results)
+        if lane.queue and not lane.scheduled:
+            lane.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, key, lane)
+        self._forget_idle()
+
+    def _forget_idle(self) -> None:
+        """Idle lanes are kept for the next queries on the same weights while there are few;
+        beyond MAX_IDLE_LANES every idle one goes (their keys hold deleted models and
+        versions no longer cached alive)."""
+        if len(self._lanes) > MAX_IDLE_LANES:
+            for idle in [k for k, v in self._lanes.items() if not _busy(v)]:
+                del self._lanes[idle]
+
+
+def _busy(lane: _Lane) -> bool:
+    return bool(lane.queue or lane.running or lane.scheduled)
+
+
+def _resolve(
+    batch: list[tuple[PredictQuery, Waiter]], results: list[Prediction | Exception]
+) -> None:
+    """Hand each query of ``batch`` its result; a waiter whose caller went away is skipped."""
+    for (_, waiter), result in zip(batch, results, strict=True):
+        if waiter.done():
+            continue
+        if isinstance(result, Exception):
+            waiter.set_exception(result)
         else:
-            log.error("request.internal_error", extra=fields, exc_info=exc)
+            waiter.set_result(result)
 
 
-def internal_message(call: Call) -> str:
-    """What a client hears of a bug: where to find it in the logs, and nothing else."""
-    return f"internal error (request id {call.request_id})"
+# -- the data plane ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

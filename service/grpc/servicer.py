@@ -11,7 +11,8 @@ from typing import Any, NoReturn, TypeAlias, TypeVar
 import grpc
 
 from propserve import wire
-from propserve.service.dataplane import Batch, Call, DataPlane, internal_message
+from propserve.service.calls import Call, internal_message
+from propserve.service.dataplane import Batch, DataPlane
 from propserve.service.errors import InvalidArgument, PropserveError, code_of
 from propserve.service.grpc import convert
 from propserve.service.grpc.server import Undecodable

@@ -20,7 +20,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from propserve import wire
 from propserve.service import errors
-from propserve.service.dataplane import Call, DataPlane
+from propserve.service.calls import Call
+from propserve.service.dataplane import DataPlane
 from propserve.service.metrics import Metrics
 from propserve.service.rest import bodies, schemas
 from propserve.service.rest.admission import Admission

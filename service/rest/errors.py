@@ -12,7 +12,7 @@ import math
 import orjson
 
 from propserve import wire
-from propserve.service.dataplane import Call, internal_message
+from propserve.service.calls import Call, internal_message
 from propserve.service.errors import PropserveError, TooBusy
 
 Headers = list[tuple[bytes, bytes]]

@@ -11,7 +11,8 @@ from __future__ import annotations
 from starlette.types import Receive, Scope, Send
 
 from propserve import wire
-from propserve.service.dataplane import Call, DataPlane
+from propserve.service.calls import Call
+from propserve.service.dataplane import DataPlane
 from propserve.service.models import Prediction
 from propserve.service.rest import bodies
 from propserve.service.rest.admission import Admission

@@ -18,7 +18,7 @@ import pytest
 
 from propserve import wire
 from propserve.engine import ModelSpec, forward
-from propserve.service import batching
+from propserve.service import dataplane
 from propserve.service.auth import Authenticator
 from propserve.service.busypoll import BusyPoll
 from propserve.service.config import Settings
@@ -277,7 +277,7 @@ def test_large_passes_run_in_a_worker_and_queries_wait_for_the_next(
 ) -> None:
     """A pass over INLINE_MULTIPLY_ADDS runs in a worker thread; what arrives meanwhile
     queues and becomes the next pass."""
-    monkeypatch.setattr(batching, "INLINE_MULTIPLY_ADDS", 1000)
+    monkeypatch.setattr(dataplane, "INLINE_MULTIPLY_ADDS", 1000)
     big = 1000 // N_PARAMS + 1
     plane = plane_for(models, batch_rows=big)
 
@@ -299,7 +299,7 @@ def test_large_passes_run_in_a_worker_and_queries_wait_for_the_next(
 def test_after_shutdown_predictions_that_need_a_worker_answer_unavailable(
     models: Models, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(batching, "INLINE_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(dataplane, "INLINE_MULTIPLY_ADDS", 0)
     plane = plane_for(models)
     plane.close()
     (answer,) = run(together(plane, [{"name": "m", "inputs": rows(2)}]))
