@@ -3,11 +3,13 @@ verbs talk to a running one (see propserve.clients.cli)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from importlib import metadata
 from typing import Any
 
 from propserve.clients.cli import Parser, add_client_commands
+from propserve.clients.cli.main import EXIT_CODES
 
 
 def version() -> str:
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="propserve",
         description="Serve and train neural networks: 'propserve serve' runs the server, the "
         "other verbs talk to a running one.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     installed = version()
     parser.add_argument("--version", action="version", version=f"propserve {installed}")

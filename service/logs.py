@@ -2,9 +2,9 @@
 
 Our log calls name an event and pass their fields as data, never inside the text::
 
-    log.info("model.saved", extra={"model": name, "version": 3})
+    log.info("version.saved", extra={"model": name, "version": 3})
 
-gives ``{"ts", "level", "logger", "event": "model.saved", "model": ..., "version": 3}``.
+gives ``{"ts", "level", "logger", "event": "version.saved", "model": ..., "version": 3}``.
 A field can never replace ``ts``, ``level``, ``logger``, ``event`` or ``exc``, whatever a
 client managed to put into it. Lines from other libraries keep their text in ``message``.
 """

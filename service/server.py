@@ -39,7 +39,7 @@ from propserve.service.store import ModelStore
 log = logging.getLogger("propserve.server")
 
 #: BLAS threads when ``settings.blas_threads`` is unset: requests run in parallel on the
-#: worker threads instead (see docs/operations.md#blas-threads).
+#: worker threads instead (see docs/operations.md#workers-and-blas-threads).
 DEFAULT_BLAS_THREADS = 1
 
 

@@ -3,6 +3,7 @@ loopback detection that decides whether the server may run without tokens."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,40 @@ def test_describe_names_each_setting_and_never_quotes_a_secret() -> None:
     with pytest.raises(ValidationError) as refused:
         Settings(tls_cert=Path("cert.pem"))
     assert describe(refused.value) == "tls_cert and tls_key go together"
+
+
+def test_every_setting_is_a_serve_flag_with_its_help() -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "propserve", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "1000", "PATH": ""},
+    ).stdout
+    # Each option's entry: its line and the help that follows, up to the next option.
+    entries = {
+        entry.split()[0].rstrip(","): " ".join(entry.split())
+        for entry in re.split(r"\n(?=  -)", shown.split("options:", 1)[1])
+        if entry.strip()
+    }
+    for name, field in Settings.model_fields.items():
+        entry = entries["--" + name.replace("_", "-")]
+        assert f"[PROPSERVE_{name.upper()}]" in entry, entry
+        assert " ".join(str(field.description).split())[:30] in entry, entry
+
+
+def test_a_flag_wins_over_its_variable(tmp_path: Path) -> None:
+    import argparse  # noqa: PLC0415
+
+    from propserve.service.cli import add_serve  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers(), "test")
+    args = parser.parse_args(["serve", "--rest-port", "9", "--no-tune-heap"])
+    overrides = {
+        k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
+    }
+    assert overrides == {"rest_port": 9, "tune_heap": False}
