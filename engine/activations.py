@@ -131,9 +131,9 @@ def gelu_backward(d_a: Array, z: Array, a: Array, out: Array) -> Array:
 def softmax_forward(z: Array, out: Array) -> Array:
     """Row-wise softmax. NOTE: subtracting the row maximum keeps exp from overflowing."""
     # NOTE: the ufuncs' reduce, not the methods z.max and out.sum, which reach the same
-    # reduce through a Python wrapper each (~1 us a call, as much as a single row's work).
+    # reduce through a Python wrapper each (as much time as a single row's work).
     if z.shape[0] == 1:
-        # One row: reductions of the 1-d row, ~0.7 us less than along axis 1 with keepdims;
+        # One row: reductions of the 1-d row, cheaper than along axis 1 with keepdims, and
         # the same values (max is exact; the sum runs over the same contiguous row).
         row = z[0]
         np.subtract(z, np.maximum.reduce(row), out=out)

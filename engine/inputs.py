@@ -27,9 +27,8 @@ def all_finite(x: NDArray[np.floating]) -> bool:
     """Whether every entry of a floating-point array is finite."""
     # NOTE: x.x (one BLAS dot over the flattened array) is finite when every entry is, and NaN
     # or inf when one is not; finite entries whose squares overflow give inf too, and only then
-    # is the elementwise check needed. A 784-float row: 0.7 us, against 2.3 us for a sum under
-    # np.errstate (a dot is not a ufunc and raises no floating-point warnings) and 1.5 us for
-    # np.isfinite(x).all(); 256 rows: 13 us against 33 us and 20 us.
+    # is the elementwise check needed. A dot is not a ufunc, so it raises no floating-point
+    # warnings, and it beats both np.isfinite(x).all() and a sum under np.errstate.
     if math.isfinite(np.vdot(x, x)):
         return True
     return bool(np.isfinite(x).all())

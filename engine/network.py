@@ -143,10 +143,7 @@ def _forward_row(spec: ModelSpec, params: Params, x: Array) -> Array:
 
     NOTE: np.dot takes a (1, n) @ (n, m) product to BLAS's matrix-vector kernel as matmul
     does, to the same bits, with less of the ufunc machinery around the call, and there is
-    nothing else to decide per layer. Model A's row alone: ~2 us less (46.8 -> 44.5 us). In a
-    REST prediction, where the rest of the request runs between passes, more (interleaved, in
-    process: 119-124 -> 104-107 us with JSON numbers; a server sharing a core with wrk:
-    168 -> 162 us of CPU a request).
+    nothing else to decide per layer (docs/performance-log.md has the figures).
     """
     a = x
     with np.errstate(all="ignore"):  # see forward()

@@ -3,14 +3,10 @@
 OpenBLAS's x86-64 builds for AVX-512 cores (SkylakeX and the kinds that use its kernels) take
 a product (m, k) @ (k, n) with m*n*k <= 1e6 through "small-matrix" kernels that read the
 operands in place; a larger one first packs the whole weight matrix into a buffer, which costs
-several passes over it. For prediction batches of a few rows the packing is most of the work:
-measured on this project's development machine (OpenBLAS 0.3.31, one thread, float32), a
-(rows, 784) @ (784, 512) product took 29 us for 2 rows and 128 us for 3, and model
-[784, 512, 256, 10]'s forward pass 58 us for 2 rows and 180 us for 3. Cut into calls of at most
-2 rows, 3-12 rows took 1.3-2x less time (88 us for 3 rows, 229 us for 12 instead of 297); from
-8 calls up, packing once was cheaper again (16 rows: 272 us packed, 298 us cut). float64
-follows the same limit. ``bench/small_batches.py`` measures the rule against one call per
-layer.
+several passes over it. For prediction batches of a few rows the packing is most of the work,
+so a product of a few rows is cut into calls the small kernels take, up to the number of
+calls beyond which packing once is cheaper again. ``bench/small_batches.py`` measures the
+rule against one call per layer (docs/performance-log.md has the figures).
 
 The rule is a pure function of the shapes and of which BLAS this process loaded, so every
 process with the same libraries computes a prediction the same way, to the bit. Other BLAS
@@ -25,14 +21,12 @@ import functools
 SMALL_MNK = 1_000_000
 
 #: Cut a float32 product into at most this many calls; beyond it, one packed product is
-#: cheaper. float64's small kernels gain less: 3 calls (6 rows of model A) ran 1.22x faster
-#: than packed, 4 calls 1.02x, 6 calls 0.87x; so float64 stops at 3.
+#: cheaper. float64's small kernels gain less, so float64 stops sooner.
 MAX_CALLS = 6
 MAX_CALLS_FLOAT64 = 3
 
 #: At most this many calls of one row each (matrix-vector products, for layers too large for
-#: the small kernels): each reads the whole matrix. NOTE: measured on C=[1024,2048,2048,1024,
-#: 10], float64: 4 rows one at a time 1.12x faster than packed, 6 rows 0.92x.
+#: the small kernels): each reads the whole matrix, so beyond a few rows packing wins.
 MAX_ROW_CALLS = 4
 
 #: OpenBLAS core names (``openblas_get_corename``) whose builds have small-matrix kernels.

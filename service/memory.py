@@ -1,33 +1,18 @@
-"""The server's heap: fewer malloc arenas, and freed memory given back to the operating system
+"""The server's heap, when ``PROPSERVE_TUNE_HEAP`` is on (docs/operations.md#memory): one
+malloc arena, fixed malloc thresholds, and freed memory given back to the operating system
 once a burst of requests is over.
 
-A burst of large requests (64 concurrent 256-row JSON predictions hold ~4 MB of body and ~6
-MB of Python numbers each) leaves glibc's heap holding the freed memory: freed blocks in the
-middle of the heap stay resident until ``malloc_trim`` hands their pages back, and glibc
-only trims the top of the heap by itself. Measured with the service benchmark's two
-identical loads, the server's resident memory after the second ranged from -13% to +11% of
-that after the first without trimming, with the live memory unchanged.
+- Freed blocks in the middle of glibc's heap stay resident until ``malloc_trim`` hands their
+  pages back; glibc only trims the top of the heap by itself. So after each burst the
+  server collects, freezes the survivors and trims.
+- glibc gives each thread that contends for the heap an arena of its own, and a burst's
+  fragments stay spread over all of them; one arena keeps the resident memory flat across
+  loads (the GIL already keeps the interpreter's threads from allocating at once).
+- With glibc's adaptive thresholds a training server trims and faults in its step buffers
+  every step; fixed thresholds stop that, and the release after a burst still hands memory
+  back (``malloc_trim`` ignores the thresholds).
 
-glibc also gives each thread that contends for the heap an arena of its own (up to 8 per
-core), and a burst's fragments stay spread over all of them: over four full benchmark loads
-the server's memory went 133, 160, 173, 157 MiB even with trimming. Capped at two arenas it
-mostly stayed near 100-110 MiB, but the second arena (the worker and gRPC threads') kept
-9-32 MiB resident after the trim, depending on the load before: three full loads in a row
-read 106.3, 126.8 and 126.9 MiB. With one arena for every thread the same three read 96.8,
-97.0 and 97.2 MiB, and the benchmark's figures did not move (the GIL already keeps the
-interpreter's threads from allocating at once; gRPC's own threads allocate little).
-
-glibc also hands memory back by itself, and a server that trains pays for it: a block of a
-few MB freed at the top of the heap is trimmed away once the free top exceeds twice the
-largest block ever given pages of its own (mmap), and the next step's blocks then fault
-their pages in afresh. A training step allocates its new parameters (2.1 MB for model A)
-and frees the old ones while the event loop allocates and frees each 800 KB batch in the
-same heap, so with glibc's adaptive thresholds the server took 30-75 page faults per step
-(10-30 in the step's own thread), against none for the same steps in a process of their
-own. With fixed thresholds (blocks under 32 MB from the heap, its free top kept up to 64
-MB) it takes none once warm; what a burst leaves is still handed back by the release after
-it (``malloc_trim`` ignores the thresholds). The server then holds ~0.9 MiB more, idle and
-after the benchmark's loads alike (90.8 against 89.9 MiB idle).
+docs/performance-log.md has the measurements.
 """
 
 from __future__ import annotations
@@ -107,13 +92,11 @@ def collect_and_freeze() -> None:
     are frozen: moved where the collector's automatic runs no longer traverse them.
 
     NOTE: what is alive once start-up or a burst is over (modules, the web and gRPC
-    frameworks, the models) mostly stays alive, and every automatic full collection walked
-    all of it: traced in the server under ``bench/service.py --quick``, 3 automatic full
-    collections during the loads took 33-49 ms each, with the GIL held, so every request and
-    the training step in a worker waited that long. With the survivors frozen they took
-    0.05-7.5 ms. Nothing stays out of reach for good: the server calls this after every
-    burst (see :func:`after_bursts`), and each call unfreezes everything first, so cyclic
-    garbage among objects frozen earlier is found by the next call.
+    frameworks, the models) mostly stays alive, and every automatic full collection would
+    walk all of it with the GIL held, stalling every request and training step meanwhile.
+    Nothing stays out of reach for good: the server calls this after every burst (see
+    :func:`after_bursts`), and each call unfreezes everything first, so cyclic garbage among
+    objects frozen earlier is found by the next call.
     """
     gc.unfreeze()
     gc.collect()

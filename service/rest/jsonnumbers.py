@@ -47,7 +47,7 @@ def _array_follows(raw: bytes, key: str) -> bool:
 
 
 def _read(raw: bytes, key: str) -> dict[str, Any] | None:
-    # NOTE: a parser per call (~0.1 us): the objects it hands out stay valid only until the
+    # NOTE: a parser per call (cheap): the objects it hands out stay valid only until the
     # parser's next document, which would tie calls together.
     doc = simdjson.Parser().parse(raw)
     if not isinstance(doc, simdjson.Object):
