@@ -18,8 +18,7 @@ memory is read before, between and after, each time once the server has trimmed 
 the figures reported are the second run's, and so are the server's collector runs.
 
 Load generators are those of bench/load.py: single-row REST goes through wrk when installed,
-where the scheduler puts it (bench/rest_placement.py pins it instead). The client's CPU per
-request is reported beside the server's.
+where the scheduler puts it. The client's CPU per request is reported beside the server's.
 
 Targets:
 - streamed training >= 0.9x in-process samples/s;
