@@ -41,7 +41,7 @@ METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 ENV = {"PROPSERVE_TOKENS": f"{ADMIN_TOKEN}=admin", "PROPSERVE_MAX_PARAMS": "10000"}
 SEED = 20260101
 #: Calls per method and kind of request (26 runs of it).
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 30
 #: Seconds a call may take before it counts as a hang: generous on a busy machine.
 PATIENCE = 30.0
 #: Every call's deadline and credentials.
