@@ -28,8 +28,9 @@ MAX_RANK = wire.MAX_RANK
 
 def check_shape(shape: Any, max_elements: int) -> tuple[int, ...]:
     """A shape as a tuple of non-negative ints whose product is at most ``max_elements``
-    (ResourceExhausted beyond), and so is each dimension: a huge dimension beside a zero
-    describes no data any tensor needs (InvalidArgument, naming it)."""
+    (ResourceExhausted beyond). The product of its nonzero dimensions must be within the
+    limit too: a shape like [2**63-1, 0] describes no data any tensor needs, and more than
+    numpy can shape (InvalidArgument, naming the dimension)."""
     if not isinstance(shape, list | tuple) or len(shape) > MAX_RANK:
         raise InvalidArgument(f"shape must be a list of at most {MAX_RANK} dimensions")
     dims = []
@@ -42,11 +43,13 @@ def check_shape(shape: Any, max_elements: int) -> tuple[int, ...]:
         raise ResourceExhausted(
             f"tensor of shape {dims} has {count:,} elements; the limit is {max_elements:,}"
         )
+    nonzero = 1
     for index, dim in enumerate(dims):
-        if dim > max_elements:
+        nonzero *= dim or 1
+        if nonzero > max_elements:
             raise InvalidArgument(
-                f"dimension {index} of shape {dims} is {dim:,}; no dimension may exceed "
-                f"{max_elements:,}"
+                f"dimension {index} of shape {dims} ({dim:,}) takes its nonzero dimensions "
+                f"past {max_elements:,} elements"
             )
     return tuple(dims)
 
@@ -167,6 +170,8 @@ def from_json(
         raise InvalidArgument(f"tensor is not a rectangular array of numbers: {reason}") from None
     _check_size(array, max_elements)
     if shape is not None:
+        if array.ndim != 1:
+            raise InvalidArgument("flat data must be a list of numbers, not of lists")
         array = array.reshape(dims)
     if array.dtype.kind in "iu" and array.dtype != np.int64:
         array = array.astype(np.int64)

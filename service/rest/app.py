@@ -275,6 +275,13 @@ def create_app(
     app.include_router(ops)
     app.add_exception_handler(errors.PropserveError, _failed)  # type: ignore[arg-type]
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        """A bug in a route: the API's envelope, no internals (the call logs it)."""
+        call: Call | None = request.scope.get("state", {}).get("call")
+        status, body, _ = error_answer(exc, call)
+        return Response(body, status, media_type="application/json")
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
         problems = exc.errors()

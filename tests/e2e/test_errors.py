@@ -1215,3 +1215,50 @@ def test_an_unexpected_exception_is_internal_without_internals(tmp_path: Path) -
         assert "secret" not in failure.message
     assert log.count("request.internal_error") == 2
     assert "secret internal detail" in log
+
+
+def test_a_bug_in_a_framework_route_answers_the_envelope(tmp_path: Path) -> None:
+    """An unexpected exception in a route the framework serves is answered like one in the
+    predict endpoint: a JSON 500 with only the request id, and logged with its traceback."""
+    from propserve.service.auth import Authenticator  # noqa: PLC0415 - only here
+    from propserve.service.config import Settings  # noqa: PLC0415
+    from propserve.service.dataplane import DataPlane  # noqa: PLC0415
+    from propserve.service.models import Models  # noqa: PLC0415
+    from propserve.service.rest.app import RestApp  # noqa: PLC0415
+    from propserve.service.store import ModelStore  # noqa: PLC0415
+
+    settings = Settings(store=tmp_path / "store")
+    core = Models(ModelStore(settings.store), settings)
+    plane = DataPlane(core, Authenticator({}), core.metrics, settings)
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    def broken() -> Any:
+        raise RuntimeError("secret internal detail")
+
+    core.list_models = broken  # type: ignore[method-assign]
+    handler = Capture()
+    logging.getLogger("propserve").addHandler(handler)
+    try:
+        app = RestApp(plane, core.metrics, ready=lambda: True, version="test")
+
+        async def call() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.get("/v1/models")
+
+        response = asyncio.run(call())
+    finally:
+        logging.getLogger("propserve").removeHandler(handler)
+        plane.close()
+        core.close()
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    failure = rest_failure(response, 500)
+    assert failure.code == "INTERNAL"
+    assert INTERNAL_MESSAGE.fullmatch(failure.message), failure.message
+    assert response.headers["x-request-id"] in failure.message
+    assert [r.getMessage() for r in records].count("request.internal_error") == 1

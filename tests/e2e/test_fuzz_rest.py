@@ -15,7 +15,6 @@ Rollback run on them too, and no test depends on another's order or outcome.
 from __future__ import annotations
 
 import base64
-import math
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, reject, seed, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import negative_data_rejection, not_a_server_error
@@ -358,23 +357,6 @@ def strict_integers(value: Any, fields: frozenset[str], integer: bool = False) -
     return value
 
 
-def known_bug(body: Any) -> str | None:
-    """Which known server bug (each shown by an xfail test below) a request body runs into,
-    if any: the fuzzer leaves those requests out until the bug is fixed."""
-    if isinstance(body, list):
-        return next(filter(None, map(known_bug, body)), None)
-    if not isinstance(body, dict):
-        return None
-    shape = body.get("shape")
-    if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
-        if 0 in shape and math.prod(d for d in shape if d) * 8 > 2**63 - 1:
-            return "test_an_empty_tensor_numpy_cannot_shape_is_refused"
-        data = body.get("data")
-        if isinstance(data, list) and any(isinstance(item, list) for item in data):
-            return "test_flat_data_of_lists_is_refused"
-    return next(filter(None, map(known_bug, body.values())), None)
-
-
 def check_answer(
     case: Case[Any], server: ServerProcess, mode: GenerationMode, fields: frozenset[str]
 ) -> int:
@@ -426,8 +408,6 @@ def test_fuzz_operation(
     )
     @given(case=st.one_of(strategies))
     def fuzz(case: Case[Any]) -> None:
-        if known_bug(case.body):
-            reject()
         check_answer(case, server, mode, fields)
 
     fuzz()
@@ -536,10 +516,10 @@ def test_a_valid_request_gets_a_documented_success(
     assert 200 <= status < 300, case.as_curl_command(headers=HEADERS)
 
 
-# -- known bugs the fuzzer found (known_bug leaves them out of the fuzzing) -------------------
+# -- bugs the fuzzer found ---------------------------------------------------------------------
 
 #: A tensor of no element whose other dimensions, each within the element limit (2**24 by
-#: default), multiply past what numpy can describe: numpy's reshape raises ValueError.
+#: default), multiply past what numpy can describe (it was answered 500).
 EMPTY_BUT_HUGE = [2**24, 2**24, 2**24, 0]
 
 
@@ -553,12 +533,6 @@ def refused(response: httpx.Response) -> tuple[int, str | None, str]:
     return response.status_code, code, content_type
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/tensors.py checks that a shape's product is within the element limit, "
-    "not that numpy can shape it: a zero beside dimensions whose product overflows makes "
-    "numpy's reshape raise ValueError, answered 500 (train_step: a text/plain 500)",
-)
 @pytest.mark.parametrize("route", ["predict", "train_step"])
 @pytest.mark.parametrize("encoding", ["flat", "b64"])
 def test_an_empty_tensor_numpy_cannot_shape_is_refused(
@@ -572,23 +546,15 @@ def test_an_empty_tensor_numpy_cannot_shape_is_refused(
     body: dict[str, Any] = {"inputs": tensor}
     if route == "train_step":
         body["targets"] = [1.0]
-    assert known_bug(body) == "test_an_empty_tensor_numpy_cannot_shape_is_refused"
     response = call(server, "POST", f"/v1/models/fz-mse/{route}", json=body)
     assert refused(response) == (400, "invalid_argument", "application/json")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/tensors.py from_json counts a flat tensor's data by its top-level "
-    "length, then reshapes: lists inside data make numpy's reshape raise ValueError, "
-    "answered 500 (train_step: a text/plain 500)",
-)
 @pytest.mark.parametrize("route", ["predict", "train_step"])
 @pytest.mark.parametrize("data", [[[1, 2]], [[]]], ids=["[[1,2]]", "[[]]"])
 def test_flat_data_of_lists_is_refused(server: ServerProcess, route: str, data: Any) -> None:
     body: dict[str, Any] = {"inputs": {"data": data, "shape": [1]}}
     if route == "train_step":
         body = {"inputs": [[1.0]], "targets": body["inputs"]}
-    assert known_bug(body) == "test_flat_data_of_lists_is_refused"
     response = call(server, "POST", f"/v1/models/fz-mse/{route}", json=body)
     assert refused(response) == (400, "invalid_argument", "application/json")
