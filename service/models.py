@@ -561,7 +561,11 @@ class Models:
         model.unsaved = 0
         model.unsaved_loss_sum = 0.0
         model.detached = False
-        self.metrics.versions.labels(name).set(len(self.store.list_versions(name)))
+        # Retention may have removed versions: they leave memory too, so a prediction by
+        # such a version answers NotFound as the store does.
+        kept = {version.version for version in self.store.list_versions(name)}
+        self._versions.keep_only(name, kept)
+        self.metrics.versions.labels(name).set(len(kept))
         log.info(
             "version.saved",
             extra={

@@ -36,6 +36,12 @@ class VersionCache:
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
+    def keep_only(self, model: str, versions: set[int]) -> None:
+        """Drop ``model``'s versions other than ``versions`` (the ones still stored)."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == model and k[1] not in versions]:
+                del self._entries[key]
+
     def forget(self, model: str) -> None:
         """Drop every version of ``model`` (deleted)."""
         with self._lock:

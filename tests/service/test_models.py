@@ -710,3 +710,18 @@ def test_a_model_whose_versions_are_all_corrupt_starts_fresh(store_root: Path) -
         assert head_state(second, "m") == Network(ModelSpec.from_dict(SPEC)).to_bytes()
     finally:
         second.close()
+
+
+def test_a_version_removed_by_retention_is_not_served_from_memory(store_root: Path) -> None:
+    core = open_models(store_root)
+    try:
+        core.create_model("m", SPEC, {"retain": 1})
+        core.save_version("m")  # version 1
+        assert core.predict("m", PROBE, version=1).version == 1  # now in memory
+        train(core, "m", batches(3, 1))
+        core.save_version("m")  # version 2; retention removes version 1
+        assert [v.version for v in core.list_versions("m")] == [2]
+        with pytest.raises(NotFound, match="version 1"):
+            core.predict("m", PROBE, version=1)
+    finally:
+        core.close()
