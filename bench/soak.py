@@ -117,6 +117,8 @@ class Interval:
     server_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
     lags: list[float] = field(default_factory=list)
+    full_collections: int = 0  # the server's collector, generation 2
+    slow_collections: int = 0  # of them, over 10 ms
 
 
 @dataclass(frozen=True)
@@ -287,21 +289,32 @@ async def probe(soak: Soak, client: AsyncGrpcClient) -> None:
 
 
 async def watch(soak: Soak) -> None:
-    """The server's RSS, open fds and CPU every SAMPLE_EVERY_S."""
+    """The server's RSS, open fds, CPU and full collections every SAMPLE_EVERY_S."""
     pid = soak.server.pid
+    port = soak.server.ports["rest_port"]
     last, last_cpu, last_own = time.perf_counter(), procs.cpu_seconds(pid), time.process_time()
+    last_gc = await asyncio.to_thread(_full_collections, port)
     while True:
         now, cpu, own = time.perf_counter(), procs.cpu_seconds(pid), time.process_time()
+        gc_now = await asyncio.to_thread(_full_collections, port)
         # filed by the middle of the period sampled, so each interval gets its own CPU time
         if (interval := soak.recorder.at((last + now) / 2)) is not None:
             interval.server_cpu_s += cpu - last_cpu
             interval.client_cpu_s += own - last_own
             interval.rss_kib.append(procs.rss_kib(pid))
             interval.fds.append(procs.open_fds(pid))
-        last, last_cpu, last_own = now, cpu, own
+            interval.full_collections += gc_now[0] - last_gc[0]
+            interval.slow_collections += gc_now[1] - last_gc[1]
+        last, last_cpu, last_own, last_gc = now, cpu, own, gc_now
         if now >= soak.end:
             return
         await asyncio.sleep(min(SAMPLE_EVERY_S, max(soak.end - now, 0.0) + 0.01))
+
+
+def _full_collections(port: int) -> tuple[int, int]:
+    """The server's generation-2 collections so far, and how many took over 10 ms."""
+    runs, _, slow = procs.gc_pauses(procs.scrape(port)).get("2", (0, 0.0, 0))
+    return runs, slow
 
 
 class Predictions:
@@ -520,6 +533,8 @@ def interval_rows(recorder: Recorder) -> list[dict[str, Any]]:
             server_cpu=interval.server_cpu_s / recorder.interval_s,
             client_cpu=interval.client_cpu_s / recorder.interval_s,
             client_lag_p99_s=_percentile(interval.lags, 0.99),
+            full_collections=interval.full_collections,
+            slow_collections=interval.slow_collections,
         )
         rows.append(r)
     return rows
@@ -584,6 +599,8 @@ COLUMNS = [
     report.Column("srv cpu", 7, report.cell_of("server_cpu", lambda v: f"{v:.2f}")),
     report.Column("cli cpu", 7, report.cell_of("client_cpu", lambda v: f"{v:.2f}")),
     report.Column("lag p99", 7, report.cell_of("client_lag_p99_s", report.ms)),
+    report.Column("gc2", 4, report.cell_of("full_collections")),
+    report.Column(">10ms", 5, report.cell_of("slow_collections")),
     report.Column("errors", 0, _errors, left=True),
 ]
 

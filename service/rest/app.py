@@ -181,7 +181,7 @@ def create_app(
     v1 = APIRouter(prefix="/v1", tags=["models"], responses=error_responses)
 
     @v1.post(
-        "/models", status_code=201, response_model=schemas.ModelOut, operation_id="CreateModel"
+        "/models", status_code=201, response_model=wire.Model, operation_id="CreateModel"
     )
     async def create_model(body: schemas.CreateModelBody) -> wire.Model:
         return await plane.create_model(body.name, body.spec, body.settings.given())
@@ -190,11 +190,11 @@ def create_app(
     async def list_models() -> dict[str, list[wire.Model]]:
         return {"models": await plane.list_models()}
 
-    @v1.get("/models/{name}", response_model=schemas.ModelOut, operation_id="GetModel")
+    @v1.get("/models/{name}", response_model=wire.Model, operation_id="GetModel")
     async def get_model(name: NameParam) -> wire.Model:
         return await plane.get_model(name)
 
-    @v1.patch("/models/{name}", response_model=schemas.ModelOut, operation_id="UpdateModel")
+    @v1.patch("/models/{name}", response_model=wire.Model, operation_id="UpdateModel")
     async def update_model(name: NameParam, body: schemas.UpdateModelBody) -> wire.Model:
         return await plane.update_model(name, body.settings.given())
 
@@ -205,7 +205,7 @@ def create_app(
 
     @v1.post(
         "/models/{name}/train_step",
-        response_model=schemas.TrainStepOut,
+        response_model=wire.StepResult,
         operation_id="TrainStep",
         openapi_extra=_body_schema("TrainStepBody"),
     )
@@ -217,7 +217,7 @@ def create_app(
     @v1.post(
         "/models/{name}/versions",
         status_code=201,
-        response_model=schemas.VersionOut,
+        response_model=wire.Version,
         operation_id="SaveVersion",
     )
     async def save_version(name: NameParam) -> wire.Version:
@@ -230,20 +230,20 @@ def create_app(
         return {"versions": await plane.list_versions(name)}
 
     @v1.put(
-        "/models/{name}/labels/{label}", response_model=schemas.ModelOut, operation_id="SetLabel"
+        "/models/{name}/labels/{label}", response_model=wire.Model, operation_id="SetLabel"
     )
     async def set_label(name: NameParam, label: NameParam, body: schemas.LabelBody) -> wire.Model:
         return await plane.set_label(name, label, body.version)
 
     @v1.delete(
         "/models/{name}/labels/{label}",
-        response_model=schemas.ModelOut,
+        response_model=wire.Model,
         operation_id="RemoveLabel",
     )
     async def remove_label(name: NameParam, label: NameParam) -> wire.Model:
         return await plane.remove_label(name, label)
 
-    @v1.post("/models/{name}/rollback", response_model=schemas.ModelOut, operation_id="Rollback")
+    @v1.post("/models/{name}/rollback", response_model=wire.Model, operation_id="Rollback")
     async def rollback(name: NameParam, body: schemas.RollbackBody) -> wire.Model:
         return await plane.rollback(name, version=body.version, label=body.label)
 

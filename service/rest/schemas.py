@@ -251,37 +251,16 @@ class UpdateModelBody(Body):
     settings: ModelSettings
 
 
-class ModelOut(BaseModel):
-    name: str
-    spec: dict[str, Any]
-    settings: dict[str, int]
-    labels: dict[str, int]
-    head_step: int
-    latest_version: int | None
-    unsaved_steps: int
-    parameter_count: int
-    created_at: float = Field(description="Seconds since the Unix epoch.")
-    last_loss: float | None
+# The records answered are the wire's (propserve.wire): FastAPI documents the dataclasses
+# themselves, so their fields are stated once.
 
 
 class ModelList(BaseModel):
-    models: list[ModelOut]
-
-
-class VersionOut(BaseModel):
-    model: str
-    version: int
-    step: int
-    created_at: float = Field(description="Seconds since the Unix epoch.")
-    parent: int | None
-    metrics: dict[str, float]
-    sha256: str
-    size_bytes: int
-    labels: list[str]
+    models: list[wire.Model]
 
 
 class VersionList(BaseModel):
-    versions: list[VersionOut]
+    versions: list[wire.Version]
 
 
 #: A version or a label names saved weights, never both (wire.source_problem).
@@ -313,14 +292,6 @@ class TrainStepBody(Body):
     learning_rate: LearningRate | Absent = _optional(
         "Overrides the spec's learning rate for this step (finite)."
     )
-
-
-class TrainStepOut(BaseModel):
-    step: int
-    loss: float
-    accuracy: float | None
-    batch_size: int
-    saved_version: int | None
 
 
 class LabelBody(Body):
