@@ -180,9 +180,7 @@ def create_app(
     }
     v1 = APIRouter(prefix="/v1", tags=["models"], responses=error_responses)
 
-    @v1.post(
-        "/models", status_code=201, response_model=wire.Model, operation_id="CreateModel"
-    )
+    @v1.post("/models", status_code=201, response_model=wire.Model, operation_id="CreateModel")
     async def create_model(body: schemas.CreateModelBody) -> wire.Model:
         return await plane.create_model(body.name, body.spec, body.settings.given())
 
@@ -229,9 +227,7 @@ def create_app(
     async def list_versions(name: NameParam) -> dict[str, list[wire.Version]]:
         return {"versions": await plane.list_versions(name)}
 
-    @v1.put(
-        "/models/{name}/labels/{label}", response_model=wire.Model, operation_id="SetLabel"
-    )
+    @v1.put("/models/{name}/labels/{label}", response_model=wire.Model, operation_id="SetLabel")
     async def set_label(name: NameParam, label: NameParam, body: schemas.LabelBody) -> wire.Model:
         return await plane.set_label(name, label, body.version)
 
