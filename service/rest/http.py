@@ -397,9 +397,13 @@ class Connection(asyncio.Protocol):
         self.deadline = None
         if self.transport is None or self.closed:
             return
-        if self.answering is None:
-            self.write_head_and_body(status, [_JSON], _error(status, message), keep_alive=False)
         self.server.refused(_code(status))
+        if self.answering is not None:
+            # An answer is still being written: finish it, then close; read nothing more.
+            self.close_after_answer = True
+            self._pause_reading()
+            return
+        self.write_head_and_body(status, [_JSON], _error(status, message), keep_alive=False)
         self.linger()
 
     def _refuse_request(self, request: Request, status: int, message: str) -> None:
@@ -426,7 +430,7 @@ class Connection(asyncio.Protocol):
         keep_alive: bool,
         content_length: bool = True,
     ) -> None:
-        if self.transport is None or self.closed:
+        if self.transport is None or self.closed or self.lingering:
             return
         parts = [_status_line(status), b"date: ", self.server.date.value(), b"\r\n"]
         for name, value in headers:
@@ -439,7 +443,7 @@ class Connection(asyncio.Protocol):
         self.transport.write(b"".join(parts))
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.lingering:
             self.transport.write(data)
 
     def _pause_reading(self) -> None:

@@ -405,3 +405,21 @@ def test_a_pipelined_request_over_the_body_limit_is_refused_in_its_turn(tmp_path
     assert first.startswith(b"200 ")
     assert second.startswith(b"413 ")
     assert b"exceeds the limit of 2,048" in second
+
+
+def test_a_slow_request_pipelined_behind_an_answer_ends_the_connection_after_it(
+    tmp_path: Path,
+) -> None:
+    """A second request whose headers never complete, behind a first still being answered:
+    the first's answer is written whole, then the connection closes."""
+    process = start_server(tmp_path / "store", env={"PROPSERVE_HEADER_TIMEOUT": "1"})
+    try:
+        with socket.create_connection(("127.0.0.1", process.rest_port), timeout=30) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
+            received = b""
+            while chunk := sock.recv(65536):  # the first answer, then the close
+                received += chunk
+    finally:
+        assert process.stop() == 0
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert received.count(b"HTTP/1.1 ") == 1 or b"HTTP/1.1 408 " in received
