@@ -119,6 +119,7 @@ class Interval:
     lags: list[float] = field(default_factory=list)
     full_collections: int = 0  # the server's collector, generation 2
     slow_collections: int = 0  # of them, over 10 ms
+    calibrations: list[float] = field(default_factory=list)  # seconds of a fixed task
 
 
 @dataclass(frozen=True)
@@ -305,10 +306,22 @@ async def watch(soak: Soak) -> None:
             interval.fds.append(procs.open_fds(pid))
             interval.full_collections += gc_now[0] - last_gc[0]
             interval.slow_collections += gc_now[1] - last_gc[1]
+            interval.calibrations.append(calibrate())
         last, last_cpu, last_own, last_gc = now, cpu, own, gc_now
         if now >= soak.end:
             return
         await asyncio.sleep(min(SAMPLE_EVERY_S, max(soak.end - now, 0.0) + 0.01))
+
+
+def calibrate() -> float:
+    """Seconds this process takes for a fixed bit of Python and NumPy work: the host's own
+    speed, which drifts on a shared machine (a slower host makes the same load heavier)."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(20_000):
+        total += i % 7
+    np.sort(np.random.default_rng(total).standard_normal(20_000))
+    return time.perf_counter() - start
 
 
 def _full_collections(port: int) -> tuple[int, int]:
@@ -504,7 +517,7 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _median(values: list[int]) -> float | None:
+def _median(values: list[int] | list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
@@ -535,6 +548,7 @@ def interval_rows(recorder: Recorder) -> list[dict[str, Any]]:
             client_lag_p99_s=_percentile(interval.lags, 0.99),
             full_collections=interval.full_collections,
             slow_collections=interval.slow_collections,
+            calibration_s=_median(interval.calibrations),
         )
         rows.append(r)
     return rows
@@ -601,6 +615,7 @@ COLUMNS = [
     report.Column("lag p99", 7, report.cell_of("client_lag_p99_s", report.ms)),
     report.Column("gc2", 4, report.cell_of("full_collections")),
     report.Column(">10ms", 5, report.cell_of("slow_collections")),
+    report.Column("host", 5, report.cell_of("calibration_s", lambda v: f"{v * 1e3:.1f}")),
     report.Column("errors", 0, _errors, left=True),
 ]
 
@@ -639,7 +654,9 @@ def print_results(
     report.print_table(COLUMNS, rows)
     print(
         "(latency from when this client started each request; lag: how late it started them,"
-        " in ms;\n cpu: cores busy, the server's and this client's)"
+        " in ms;\n cpu: cores busy, the server's and this client's; gc2: the server's full"
+        " collections, >10ms: of them\n over 10 ms; host: ms this client takes for a fixed"
+        " task, the host's own speed)"
     )
     for v in judged:
         met = "n/a (run too short)" if v["met"] is None else report.verdict(v["met"])
