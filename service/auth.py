@@ -32,6 +32,11 @@ REQUIRED_ROLE: dict[str, str] = {
     "SetLabel": "admin",
     "RemoveLabel": "admin",
     "Rollback": "admin",
+    # The Open Inference Protocol (propserve.service.oip); its health and metadata are open.
+    "ModelInfer": "predict",
+    "RepositoryIndex": "predict",
+    "RepositoryModelLoad": "admin",
+    "RepositoryModelUnload": "admin",
 }
 
 

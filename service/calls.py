@@ -34,6 +34,7 @@ class Call:
         "error",
         "operation",
         "plane",
+        "protocol",
         "request_id",
         "start",
         "transport",
@@ -46,10 +47,12 @@ class Call:
         transport: str,
         request_id: str | None,
         authorization: str | None,
+        protocol: str = "propserve",
     ) -> None:
         self.plane = plane
         self.operation = operation
         self.transport = transport
+        self.protocol = protocol
         self.request_id = valid_request_id(request_id)
         self.authorization = authorization
         self.error: BaseException | None = None
@@ -91,11 +94,13 @@ class Call:
             self.transport,
             "ok" if exc is None else code_of(exc).name,
             time.perf_counter() - self.start,
+            protocol=self.protocol,
         )
         if exc is None or isinstance(exc, asyncio.CancelledError):
             return
         fields = {
             "transport": self.transport,
+            "protocol": self.protocol,
             "operation": self.operation,
             "request_id": self.request_id,
         }

@@ -241,9 +241,11 @@ class DataPlane:
         *,
         request_id: str | None = None,
         authorization: str | None = None,
+        protocol: str = "propserve",
     ) -> Call:
-        """The context of one request (see :class:`Call`)."""
-        return Call(self, operation, transport, request_id, authorization)
+        """The context of one request (see :class:`Call`); ``protocol``: propserve's own API
+        or ``oip``, the Open Inference Protocol."""
+        return Call(self, operation, transport, request_id, authorization, protocol)
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new calls and wait up to ``timeout`` for those in flight; True if none is
@@ -277,6 +279,24 @@ class DataPlane:
 
     async def delete_model(self, name: str) -> None:
         await self.workers.run(self.models.delete_model, name)
+
+    # -- in memory or not (the Open Inference Protocol's repository extension) -------------
+
+    async def is_loaded(self, name: str) -> bool:
+        return self.models.is_loaded(name)
+
+    async def load_model(self, name: str) -> None:
+        await self.workers.run(self.models.load_model, name)
+
+    async def unload_model(self, name: str) -> None:
+        await self.workers.run(self.models.unload, name)
+
+    async def has_source(self, name: str, *, version: int | None, label: str | None) -> bool:
+        return await self.workers.run(self.models.has_source, name, version=version, label=label)
+
+    def serving_label(self, name: str) -> str | None:
+        """The label a prediction naming no version is served from (None: the head)."""
+        return self.models.serving_label(name)
 
     # -- predicting and training ---------------------------------------------------------
 

@@ -62,8 +62,8 @@ class _HotFamilies(Collector):
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency: dict[tuple[str, str], _Histogram] = {}
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.latency: dict[tuple[str, str, str], _Histogram] = {}
         self.predictions: dict[str, int] = {}
         self.batch_rows: dict[str, _Histogram] = {}
 
@@ -74,7 +74,9 @@ class _HotFamilies(Collector):
             predictions = dict(self.predictions)
             batch_rows = {k: (list(h.counts), h.total) for k, h in self.batch_rows.items()}
         family = CounterMetricFamily(
-            "propserve_requests", "Requests answered.", labels=["method", "transport", "code"]
+            "propserve_requests",
+            "Requests answered.",
+            labels=["method", "transport", "protocol", "code"],
         )
         for labels, count in requests.items():
             family.add_metric(labels, count)
@@ -82,7 +84,7 @@ class _HotFamilies(Collector):
         yield _histogram(
             "propserve_request_seconds",
             "Time to answer a request.",
-            ["method", "transport"],
+            ["method", "transport", "protocol"],
             LATENCY_BUCKETS,
             latency,
         )
@@ -202,19 +204,27 @@ class Metrics:
         self._gc.callback(phase, info)
 
     def observe(
-        self, method: str, transport: str, code: str, seconds: float, *, api: bool = True
+        self,
+        method: str,
+        transport: str,
+        code: str,
+        seconds: float,
+        *,
+        protocol: str = "propserve",
+        api: bool = True,
     ) -> None:
-        """A request answered; ``api``: a call of the API (not a probe, a scrape, the
+        """A request answered; ``protocol``: propserve's own API or ``oip`` (the Open
+        Inference Protocol); ``api``: a call of an API (not a probe, a scrape, the
         documentation or an unknown path), which counts in ``answered``."""
         hot = self._hot
         with hot.lock:
             if api:
                 self.answered += 1
-            key = (method, transport, code)
+            key = (method, transport, protocol, code)
             hot.requests[key] = hot.requests.get(key, 0) + 1
-            histogram = hot.latency.get((method, transport))
+            histogram = hot.latency.get(key[:3])
             if histogram is None:
-                histogram = hot.latency[method, transport] = _Histogram(LATENCY_BUCKETS)
+                histogram = hot.latency[key[:3]] = _Histogram(LATENCY_BUCKETS)
             histogram.observe(seconds)
 
     def predicted(self, model: str, rows: int, batch_rows: int) -> None:

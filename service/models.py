@@ -57,6 +57,10 @@ from propserve.service.versioncache import VersionCache
 
 log = logging.getLogger("propserve.models")
 
+#: The label a request that names no version is served from, when the model has it (by the
+#: Open Inference Protocol's adapters; see docs/api.md#versions).
+SERVING_LABEL = "stable"
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -134,6 +138,7 @@ class LiveModel:
         self.unsaved_loss_sum = 0.0
         self.detached = False
         self.deleted = False
+        self.unloaded = False
         self.lock = threading.Lock()
 
 
@@ -164,6 +169,8 @@ class Models:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._models: dict[str, LiveModel] = {}
+        #: Models unloaded from memory (see :meth:`unload`): their record when unloaded.
+        self._unloaded: dict[str, wire.Model] = {}
         self._lock = threading.Lock()
         self._versions = VersionCache(settings.version_cache)
         self._closing = False
@@ -230,15 +237,25 @@ class Models:
         return self._record(model)
 
     def get_model(self, name: str) -> wire.Model:
+        unloaded = self._unloaded.get(name)
+        if unloaded is not None:
+            return unloaded
         return self._record(self._model(name))
 
     def list_models(self) -> list[wire.Model]:
         with self._lock:
-            models = sorted(self._models.values(), key=lambda m: m.record.name)
-        return [self._record(m) for m in models]
+            models = [self._record(m) for m in self._models.values()]
+            models += self._unloaded.values()
+        return sorted(models, key=lambda m: m.name)
 
     def delete_model(self, name: str) -> None:
         self._check_open()
+        with self._lock:
+            unloaded = self._unloaded.pop(name, None)
+        if unloaded is not None:
+            self.store.delete_model(name)
+            log.info("model.deleted", extra={"model": name})
+            return
         model = self._model(name)
         with model.lock:
             self.store.delete_model(name)
@@ -255,6 +272,63 @@ class Models:
         with model.lock:
             model.record = self.store.update_settings(name, dict(settings))
         return self._record(model)
+
+    # -- in memory or not ----------------------------------------------------------------
+
+    def is_loaded(self, name: str) -> bool:
+        """Whether ``name`` is in memory, ready to predict (NotFound for no such model)."""
+        if name in self._unloaded:
+            return False
+        self._model(name)
+        return True
+
+    def unload(self, name: str) -> None:
+        """Drop the model's head and cached versions from memory; until :meth:`load_model`,
+        calls on it other than reading its record or deleting it answer FailedPrecondition.
+        Refused while the head has steps no version holds (they would be lost)."""
+        self._check_open()
+        model = self._model(name)
+        with model.lock:
+            self._check_alive(model)
+            if model.unsaved or model.detached:
+                what = f"{model.unsaved} unsaved steps" if model.unsaved else "a rolled-back head"
+                raise FailedPrecondition(
+                    f"model {name!r} has {what}; save a version before unloading it"
+                )
+            record = self._record(model)
+            model.unloaded = True
+            with self._lock:
+                self._models.pop(name, None)
+                self._unloaded[name] = record
+            self._versions.forget(name)
+        log.info("model.unloaded", extra={"model": name})
+
+    def load_model(self, name: str) -> None:
+        """Bring the model into memory: its head (from its newest version) if it was unloaded,
+        and the versions its labels name, so the first predictions by them read no disk."""
+        self._check_open()
+        if name in self._unloaded:
+            model = self._load(self.store.get_model(name))
+            with self._lock:
+                if self._unloaded.pop(name, None) is not None:
+                    self._models[name] = model
+            log.info("model.reloaded", extra={"model": name})
+        model = self._model(name)
+        for version in sorted(set(model.record.labels.values())):
+            self._version_weights(model, version)
+
+    def serving_label(self, name: str) -> str | None:
+        """The label a request naming no version is served from, if the model has it."""
+        return SERVING_LABEL if SERVING_LABEL in self._model(name).record.labels else None
+
+    def has_source(self, name: str, *, version: int | None, label: str | None) -> bool:
+        """Whether the loaded model has saved ``version`` or ``label`` (the head: always)."""
+        model = self._model(name)
+        if label is not None:
+            return label in model.record.labels
+        if version is None:
+            return True
+        return any(meta.version == version for meta in self.store.list_versions(name))
 
     # -- predicting and training -------------------------------------------------------
 
@@ -322,8 +396,8 @@ class Models:
         first = queries[0]
         model = first.model
         if first.version is None:
-            if model.deleted:
-                gone = NotFound(f"model {model.record.name!r} was deleted")
+            if model.deleted or model.unloaded:
+                gone = self._gone(model)
                 return [gone for _ in queries]
             spec, params = model.spec, model.network.params
         elif first.weights is not None:
@@ -488,13 +562,22 @@ class Models:
             )
 
     @staticmethod
-    def _check_alive(model: LiveModel) -> None:
+    def _gone(model: LiveModel) -> Exception:
+        name = model.record.name
         if model.deleted:
-            raise NotFound(f"model {model.record.name!r} was deleted")
+            return NotFound(f"model {name!r} was deleted")
+        return FailedPrecondition(f"model {name!r} is not loaded; load it first")
+
+    @classmethod
+    def _check_alive(cls, model: LiveModel) -> None:
+        if model.deleted or model.unloaded:
+            raise cls._gone(model)
 
     def _model(self, name: str) -> LiveModel:
         model = self._models.get(name)
         if model is None:
+            if name in self._unloaded:
+                raise FailedPrecondition(f"model {name!r} is not loaded; load it first")
             check_name(name)
             raise NotFound(f"model {name!r} not found")
         return model

@@ -28,6 +28,7 @@ from propserve.service import errors, memory
 from propserve.service.auth import Authenticator, load_tokens
 from propserve.service.config import Settings
 from propserve.service.dataplane import DataPlane
+from propserve.service.grpc.oip import InferenceService, add_inference_service
 from propserve.service.grpc.server import SERVICE_NAME, add_services, new_server
 from propserve.service.grpc.servicer import ModelService
 from propserve.service.metrics import Metrics
@@ -207,9 +208,12 @@ async def _start(
     plane = DataPlane(models, auth, metrics, settings)
     health_servicer = add_services(grpc_server, ModelService(plane))
     server_ref: list[Server] = []
-    app = RestApp(
-        plane, metrics, ready=lambda: bool(server_ref) and server_ref[0].ready, version=version
-    )
+
+    def ready() -> bool:
+        return bool(server_ref) and server_ref[0].ready
+
+    add_inference_service(grpc_server, InferenceService(plane, ready=ready, version=version))
+    app = RestApp(plane, metrics, ready=ready, version=version)
     http_server = http.HttpServer(
         app,
         http.Limits(

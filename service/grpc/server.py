@@ -29,7 +29,7 @@ class Undecodable:
     reason: str
 
 
-def _tolerant(decode: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
+def tolerant(decode: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
         try:
             return decode(data)
@@ -41,7 +41,7 @@ def _tolerant(decode: Callable[[bytes], Any], message: str) -> Callable[[bytes],
 
 class _Registrar:
     """Takes the generated registration's handlers and registers them on ``server`` with
-    their request deserializers wrapped by :func:`_tolerant`."""
+    their request deserializers wrapped by :func:`tolerant`."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
@@ -56,7 +56,7 @@ class _Registrar:
         for name, handler in handlers.items():
             decode = handler.request_deserializer  # the generated Message.FromString
             message = decode.__self__.DESCRIPTOR.full_name
-            wrapped[name] = handler._replace(request_deserializer=_tolerant(decode, message))
+            wrapped[name] = handler._replace(request_deserializer=tolerant(decode, message))
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, wrapped),)
         )

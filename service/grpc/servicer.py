@@ -25,7 +25,9 @@ Response = TypeVar("Response")
 Method = Callable[[Any, Request, Context], Awaitable[Response]]
 
 
-def call_context(plane: DataPlane, operation: str, context: Context) -> Call:
+def call_context(
+    plane: DataPlane, operation: str, context: Context, *, protocol: str = "propserve"
+) -> Call:
     """The data plane's call context for this call, from its metadata."""
     request_id = authorization = None
     for key, value in context.invocation_metadata() or ():
@@ -33,7 +35,9 @@ def call_context(plane: DataPlane, operation: str, context: Context) -> Call:
             request_id = value
         elif key == "authorization" and authorization is None and isinstance(value, str):
             authorization = value
-    return plane.call(operation, "grpc", request_id=request_id, authorization=authorization)
+    return plane.call(
+        operation, "grpc", request_id=request_id, authorization=authorization, protocol=protocol
+    )
 
 
 async def abort(context: Context, exc: BaseException, call: Call | None) -> NoReturn:

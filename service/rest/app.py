@@ -23,13 +23,13 @@ from propserve.service import errors
 from propserve.service.calls import Call
 from propserve.service.dataplane import DataPlane
 from propserve.service.metrics import Metrics
-from propserve.service.rest import bodies, schemas
+from propserve.service.rest import bodies, oip, schemas
 from propserve.service.rest.admission import Admission
 from propserve.service.rest.errors import JSON, error_answer, error_body
 from propserve.service.rest.predict import PredictEndpoint, header, read_body
 
 #: Routes anyone may call, also while the server drains.
-OPEN_OPERATIONS = frozenset({"Live", "Ready", "Metrics"})
+OPEN_OPERATIONS = frozenset({"Live", "Ready", "Metrics"}) | oip.OPEN_OPERATIONS
 
 _PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
 
@@ -37,25 +37,38 @@ _PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
 NameParam = Annotated[str, Path(json_schema_extra={"pattern": f"^{wire.NAME_PATTERN}$"})]
 
 
+def _oip(scope: Scope) -> bool:
+    """Whether a request is of the Open Inference Protocol (answered in its envelope)."""
+    path: str = scope["path"]
+    return path.startswith("/v2/") or path == "/v2"
+
+
 class RestApp:
-    """``POST /v1/models/{name}/predict`` to the predict endpoint, the rest to the
-    framework."""
+    """``POST /v1/models/{name}/predict`` to the predict endpoint, the Open Inference
+    Protocol's infer to its endpoint, the rest to the framework."""
 
     def __init__(
         self, plane: DataPlane, metrics: Metrics, *, ready: Callable[[], bool], version: str
     ) -> None:
         admission = Admission(2 * plane.workers.threads)
         self.predict = PredictEndpoint(plane, admission)
+        self.infer = oip.InferEndpoint(plane, admission)
         self.framework = RequestContext(
             create_app(plane, metrics, ready=ready, version=version), plane, admission, metrics
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            match = _PREDICT.fullmatch(scope["path"])
+            path = scope["path"]
+            match = _PREDICT.fullmatch(path)
             if match is not None:
                 scope["path_params"] = {"name": match.group(1)}
                 await self.predict(scope, receive, send)
+                return
+            match = oip.INFER_PATH.fullmatch(path)
+            if match is not None:
+                scope["path_params"] = {"name": match.group(1), "version": match.group(2) or ""}
+                await self.infer(scope, receive, send)
                 return
         await self.framework(scope, receive, send)
 
@@ -110,6 +123,7 @@ class RequestContext:
                 "rest",
                 request_id=header(scope, b"x-request-id"),
                 authorization=header(scope, b"authorization"),
+                protocol="oip" if _oip(scope) else "propserve",
             )
             scope.setdefault("state", {})["call"] = call
             with call:
@@ -121,7 +135,9 @@ class RequestContext:
             # the framework may have answered already.
             if started:
                 return
-            status, body, headers = error_answer(exc, call)
+            status, body, headers = (oip.oip_error_answer if _oip(scope) else error_answer)(
+                exc, call
+            )
             if call is not None:
                 headers.append((wire.REQUEST_ID_KEY.encode(), call.request_id.encode()))
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -144,7 +160,8 @@ class RequestContext:
         finally:
             code = "ok" if status < 400 else wire.code_for_status(http=status).name
             seconds = time.perf_counter() - start
-            self.metrics.observe(operation, "rest", code, seconds, api=False)
+            protocol = "oip" if _oip(scope) else "propserve"
+            self.metrics.observe(operation, "rest", code, seconds, protocol=protocol, api=False)
 
 
 def _operations(openapi: dict[str, Any]) -> list[tuple[re.Pattern[str], dict[str, str]]]:
@@ -166,7 +183,8 @@ def _failed(request: Request, exc: errors.PropserveError) -> Response:
     call: Call | None = request.scope.get("state", {}).get("call")
     if call is not None:
         call.fail(exc)
-    status, body, headers = error_answer(exc, call)
+    answer = oip.oip_error_answer if _oip(request.scope) else error_answer
+    status, body, headers = answer(exc, call)
     extra = {k.decode(): v.decode() for k, v in headers if (k, v) != JSON}
     return Response(body, status, headers=extra, media_type="application/json")
 
@@ -268,6 +286,7 @@ def create_app(
         description="Models served and trained over REST; see also the gRPC API.",
     )
     app.include_router(v1)
+    app.include_router(oip.router(plane, ready=ready, version=version))
     app.include_router(ops)
     app.add_exception_handler(errors.PropserveError, _failed)  # type: ignore[arg-type]
 
@@ -275,7 +294,8 @@ def create_app(
     async def unexpected(request: Request, exc: Exception) -> Response:
         """A bug in a route: the API's envelope, no internals (the call logs it)."""
         call: Call | None = request.scope.get("state", {}).get("call")
-        status, body, _ = error_answer(exc, call)
+        answer = oip.oip_error_answer if _oip(request.scope) else error_answer
+        status, body, _ = answer(exc, call)
         return Response(body, status, media_type="application/json")
 
     @app.exception_handler(RequestValidationError)
@@ -310,7 +330,9 @@ def create_app(
             if methods:
                 extra["allow"] = ", ".join(sorted(methods))
         return Response(
-            error_body(code.name, str(exc.detail)),
+            oip.oip_error_body(str(exc.detail))
+            if _oip(request.scope)
+            else error_body(code.name, str(exc.detail)),
             exc.status_code,
             headers=extra,
             media_type="application/json",
@@ -370,10 +392,60 @@ def _declare_predict(app: FastAPI) -> None:
                 },
             }
         }
+        _declare_infer(schema, NameParameter)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _declare_infer(schema: dict[str, Any], name_parameter: dict[str, Any]) -> None:
+    """The Open Inference Protocol's infer endpoint (served ahead of the framework)."""
+    components = schema["components"]["schemas"]
+    components["OipInferRequest"] = oip.INFER_REQUEST_SCHEMA
+    components["OipInferResponse"] = oip.INFER_RESPONSE_SCHEMA
+    components["OipError"] = oip.ERROR_SCHEMA
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/OipError"}}}}
+    responses = {
+        "200": {
+            "description": "The outputs (JSON, or binary after a JSON header)",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/OipInferResponse"}}
+            },
+        },
+        **{
+            str(code.http): {"description": code.meaning, **error}
+            for code in wire.CODES
+            if code.http != 504
+        },
+    }
+    version_parameter = {
+        "name": "model_version",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": r"^([0-9]+|[A-Za-z0-9._-]+)$"},
+    }
+    for path, parameters in (
+        ("/v2/models/{name}/infer", [name_parameter]),
+        ("/v2/models/{name}/versions/{model_version}/infer", [name_parameter, version_parameter]),
+    ):
+        schema["paths"][path] = {
+            "post": {
+                "tags": ["open inference protocol"],
+                "summary": "Infer",
+                "operationId": "ModelInfer" if len(parameters) == 1 else "ModelVersionInfer",
+                "parameters": parameters,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/OipInferRequest"}
+                        }
+                    },
+                },
+                "responses": responses,
+            }
+        }
 
 
 __all__ = ["RestApp", "create_app"]

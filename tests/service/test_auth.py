@@ -15,9 +15,25 @@ TRAIN = "t" * 20
 ADMIN = "a-long-admin-token-0123456789"
 
 OPERATIONS = {
-    "predict": ["GetModel", "ListModels", "ListVersions", "Predict"],
+    "predict": [
+        "GetModel",
+        "ListModels",
+        "ListVersions",
+        "Predict",
+        "ModelInfer",
+        "RepositoryIndex",
+    ],
     "train": ["TrainStep", "Train", "SaveVersion"],
-    "admin": ["CreateModel", "DeleteModel", "UpdateModel", "SetLabel", "RemoveLabel", "Rollback"],
+    "admin": [
+        "CreateModel",
+        "DeleteModel",
+        "UpdateModel",
+        "SetLabel",
+        "RemoveLabel",
+        "Rollback",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+    ],
 }
 
 

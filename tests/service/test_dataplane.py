@@ -584,7 +584,8 @@ def test_predictions_poll_only_when_the_setting_asks(models: Models) -> None:
 def requests_total(metrics: Metrics, operation: str, code: str) -> float:
     text = metrics.render().decode()
     pattern = (
-        rf'^propserve_requests_total{{code="{code}",method="{operation}",transport="test"}} (\S+)$'
+        rf'^propserve_requests_total{{code="{code}",method="{operation}",'
+        rf'protocol="propserve",transport="test"}} (\S+)$'
     )
     match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0

@@ -41,13 +41,13 @@ def reference(seen: list[tuple[str, str, str, float, str, int, int]]) -> str:
     requests = Counter(
         "propserve_requests",
         "Requests answered.",
-        ["method", "transport", "code"],
+        ["method", "transport", "protocol", "code"],
         registry=registry,
     )
     latency = Histogram(
         "propserve_request_seconds",
         "Time to answer a request.",
-        ["method", "transport"],
+        ["method", "transport", "protocol"],
         buckets=LATENCY_BUCKETS,
         registry=registry,
     )
@@ -60,8 +60,8 @@ def reference(seen: list[tuple[str, str, str, float, str, int, int]]) -> str:
         registry=registry,
     )
     for method, transport, code, seconds, model, rows, batch in seen:
-        requests.labels(method, transport, code).inc()
-        latency.labels(method, transport).observe(seconds)
+        requests.labels(method, transport, "propserve", code).inc()
+        latency.labels(method, transport, "propserve").observe(seconds)
         predictions.labels(model).inc(rows)
         batch_rows.labels(model).observe(batch)
     predictions.remove("b")
@@ -108,9 +108,10 @@ def test_updates_from_many_threads_are_all_counted() -> None:
         thread.join()
     assert passes(metrics, "a") == (8000, 8000)
     assert metrics.answered == 8000
-    assert 'propserve_requests_total{code="OK",method="Predict",transport="grpc"} 8000.0' in (
-        metrics.render().decode()
+    line = (
+        'propserve_requests_total{code="OK",method="Predict",protocol="propserve",transport="grpc"}'
     )
+    assert f"{line} 8000.0" in metrics.render().decode()
 
 
 def test_scrapes_and_probes_are_not_activity() -> None:
@@ -120,9 +121,10 @@ def test_scrapes_and_probes_are_not_activity() -> None:
     assert metrics.answered == 0
     metrics.observe("ListModels", "rest", "ok", 0.001)
     assert metrics.answered == 1
-    assert 'propserve_requests_total{code="ok",method="Metrics",transport="rest"} 1.0' in (
-        metrics.render().decode()
+    line = (
+        'propserve_requests_total{code="ok",method="Metrics",protocol="propserve",transport="rest"}'
     )
+    assert f"{line} 1.0" in metrics.render().decode()
     assert "propserve_heap_trims_total 0.0" in metrics.render().decode()
 
 
