@@ -309,7 +309,8 @@ def create_app(
             for p in problems[:5]
         )
         response = _failed(request, errors.InvalidArgument(message))
-        response.status_code = 422
+        if not _oip(request.scope):  # the protocol answers a bad request 400
+            response.status_code = 422
         return response
 
     @app.exception_handler(StarletteHTTPException)

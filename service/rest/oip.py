@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Path, Response
 from numpy.typing import NDArray
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from propserve import wire
@@ -316,52 +317,129 @@ ModelName = Annotated[str, Path(json_schema_extra={"pattern": f"^{wire.NAME_PATT
 VersionName = Annotated[str, Path(json_schema_extra={"pattern": r"^([0-9]+|[A-Za-z0-9._-]+)$"})]
 
 
+class OipError(BaseModel):
+    error: str
+
+
+class LiveOut(BaseModel):
+    live: bool
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+
+
+class ModelReadyOut(BaseModel):
+    name: str
+    ready: bool
+
+
+class ServerMetadataOut(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadataOut(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadataOut(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadataOut]
+    outputs: list[TensorMetadataOut]
+    properties: dict[str, str]
+
+
+class RepositoryModelOut(BaseModel):
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+class RepositoryIndexBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    repository_name: str = ""
+    ready: bool = False
+
+
 def _json(value: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(value), status, media_type="application/json")
 
 
 def router(plane: DataPlane, *, ready: Callable[[], bool], version: str) -> APIRouter:
     """The protocol's routes other than infer."""
-    v2 = APIRouter(prefix="/v2", tags=["open inference protocol"])
+    errors: dict[int | str, dict[str, Any]] = {
+        code.http: {"model": OipError} for code in wire.CODES if code.http not in (422, 504)
+    }
+    not_ready: dict[int | str, dict[str, Any]] = {503: {"model": ReadyOut}}
+    v2 = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=errors)
 
-    @v2.get("/health/live", operation_id="ServerLive")
+    @v2.get("/health/live", operation_id="ServerLive", responses={200: {"model": LiveOut}})
     async def live() -> Response:
         return _json({"live": True})
 
-    @v2.get("/health/ready", operation_id="ServerReady")
+    @v2.get(
+        "/health/ready",
+        operation_id="ServerReady",
+        responses={200: {"model": ReadyOut}, **not_ready},
+    )
     async def server_ready() -> Response:
         is_ready = ready()
         return _json({"ready": is_ready}, 200 if is_ready else 503)
 
-    @v2.get("", operation_id="ServerMetadata")
+    @v2.get("", operation_id="ServerMetadata", responses={200: {"model": ServerMetadataOut}})
     async def server_metadata() -> Response:
         return _json(
             {"name": oip.SERVER_NAME, "version": version, "extensions": list(oip.EXTENSIONS)}
         )
 
-    @v2.get("/models/{name}", operation_id="ModelMetadata")
+    @v2.get(
+        "/models/{name}", operation_id="ModelMetadata", responses={200: {"model": ModelMetadataOut}}
+    )
     async def model_metadata(name: ModelName) -> Response:
         return _json(await oip.model_metadata(plane, name, ""))
 
-    @v2.get("/models/{name}/versions/{model_version}", operation_id="ModelVersionMetadata")
+    @v2.get(
+        "/models/{name}/versions/{model_version}",
+        operation_id="ModelVersionMetadata",
+        responses={200: {"model": ModelMetadataOut}},
+    )
     async def model_version_metadata(name: ModelName, model_version: VersionName) -> Response:
         return _json(await oip.model_metadata(plane, name, model_version))
 
-    @v2.get("/models/{name}/ready", operation_id="ModelReady")
+    ready_responses: dict[int | str, dict[str, Any]] = {
+        200: {"model": ModelReadyOut},
+        503: {"model": ModelReadyOut},
+    }
+
+    @v2.get("/models/{name}/ready", operation_id="ModelReady", responses=ready_responses)
     async def model_ready(name: ModelName) -> Response:
         return _ready_answer(name, ready() and await oip.model_ready(plane, name, ""))
 
-    @v2.get("/models/{name}/versions/{model_version}/ready", operation_id="ModelVersionReady")
+    @v2.get(
+        "/models/{name}/versions/{model_version}/ready",
+        operation_id="ModelVersionReady",
+        responses=ready_responses,
+    )
     async def model_version_ready(name: ModelName, model_version: VersionName) -> Response:
         is_ready = ready() and await oip.model_ready(plane, name, model_version)
         return _ready_answer(name, is_ready)
 
-    @v2.post("/repository/index", operation_id="RepositoryIndex")
+    @v2.post(
+        "/repository/index",
+        operation_id="RepositoryIndex",
+        responses={200: {"model": list[RepositoryModelOut]}},
+    )
     async def repository_index(
-        body: Annotated[dict[str, Any] | None, Body()] = None,
+        body: Annotated[RepositoryIndexBody | None, Body()] = None,
     ) -> Response:
-        ready_only = (body or {}).get("ready") is True
-        return _json(await oip.repository_index(plane, ready_only))
+        return _json(await oip.repository_index(plane, body is not None and body.ready))
 
     @v2.post("/repository/models/{name}/load", operation_id="RepositoryModelLoad")
     async def load(name: ModelName) -> Response:
