@@ -441,12 +441,24 @@ def router(plane: DataPlane, *, ready: Callable[[], bool], version: str) -> APIR
     ) -> Response:
         return _json(await oip.repository_index(plane, body is not None and body.ready))
 
-    @v2.post("/repository/models/{name}/load", operation_id="RepositoryModelLoad")
+    loaded: dict[int | str, dict[str, Any]] = {200: {"description": "Done (no body)"}}
+
+    @v2.post(
+        "/repository/models/{name}/load",
+        operation_id="RepositoryModelLoad",
+        response_class=Response,
+        responses=loaded,
+    )
     async def load(name: ModelName) -> Response:
         await plane.load_model(name)
         return Response(status_code=200)
 
-    @v2.post("/repository/models/{name}/unload", operation_id="RepositoryModelUnload")
+    @v2.post(
+        "/repository/models/{name}/unload",
+        operation_id="RepositoryModelUnload",
+        response_class=Response,
+        responses=loaded,
+    )
     async def unload(name: ModelName) -> Response:
         await plane.unload_model(name)
         return Response(status_code=200)
