@@ -61,6 +61,8 @@ INFER_REQUEST_SCHEMA: dict[str, Any] = {
     "required": ["inputs"],
     "properties": {
         "id": {"type": "string"},
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
         "parameters": _PARAMETERS,
         "inputs": {
             "type": "array",
@@ -122,6 +124,9 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 
 
+_INFER_FIELDS = frozenset({"id", "model_name", "model_version", "parameters", "inputs", "outputs"})
+
+
 @dataclass(frozen=True)
 class InferRequest:
     """An infer body, decoded."""
@@ -129,6 +134,8 @@ class InferRequest:
     id: str | None
     x: NDArray[Any]
     binary_output: bool
+    #: The version the path names, else the body (``""``: the server's policy).
+    model_version: str
 
 
 class InferEndpoint:
@@ -178,12 +185,16 @@ class InferEndpoint:
         self, name: str, model_version: str, header_length: str | None, receive: Receive
     ) -> tuple[InferRequest, Prediction]:
         raw = await read_body(receive)
-        request = infer_request(raw, header_length, self.plane.max_elements)
-        return request, await oip.infer(self.plane, name, model_version, request.x)
+        request = infer_request(raw, header_length, self.plane.max_elements, name, model_version)
+        return request, await oip.infer(self.plane, name, request.model_version, request.x)
 
 
-def infer_request(raw: bytes, header_length: str | None, max_elements: int) -> InferRequest:
-    """An infer body: JSON, or with ``header_length`` a JSON header then binary tensors."""
+def infer_request(
+    raw: bytes, header_length: str | None, max_elements: int, name: str, model_version: str
+) -> InferRequest:
+    """An infer body for model ``name`` (and ``model_version``, from the path): JSON, or with
+    ``header_length`` a JSON header then binary tensors. The body may name the model and its
+    version too (KServe's client does): the same as the path's, or the version alone."""
     binary = b""
     if header_length is not None:
         if not header_length.isascii() or not header_length.isdigit():
@@ -200,9 +211,17 @@ def infer_request(raw: bytes, header_length: str | None, max_elements: int) -> I
         raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidArgument("the body must be a JSON object")
-    unknown = sorted(set(body) - {"id", "parameters", "inputs", "outputs"})
+    unknown = sorted(set(body) - _INFER_FIELDS)
     if unknown:
         raise InvalidArgument(f"unknown field(s) {unknown}")
+    named = body.get("model_name", name)
+    if named != name:
+        raise InvalidArgument(f"the body names the model {named!r}; the path names {name!r}")
+    in_body = body.get("model_version", model_version)
+    if not isinstance(in_body, str) or (model_version and in_body != model_version):
+        raise InvalidArgument(
+            f"the body names the version {in_body!r}; the path names {model_version!r}"
+        )
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidArgument("id must be a string")
@@ -224,7 +243,7 @@ def infer_request(raw: bytes, header_length: str | None, max_elements: int) -> I
         _object(o.get("parameters"), "outputs' parameters").get("binary_data") is True
         for o in outputs
     )
-    return InferRequest(request_id, x, binary_output)
+    return InferRequest(request_id, x, binary_output, in_body)
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -266,7 +285,7 @@ def _input(tensor: Any, binary: bytes, max_elements: int) -> tuple[NDArray[Any],
             return x, 0
         return tensors.from_json(data, shape=shape, dtype=dtype, max_elements=max_elements), 0
     except PropserveError as exc:
-        if exc.message.startswith(f"input {name!r}"):
+        if f"input {name!r}" in exc.message:
             raise
         raise type(exc)(f"input {name!r}: {exc.message}") from None
 
