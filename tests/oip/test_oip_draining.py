@@ -134,7 +134,7 @@ def test_the_body_may_name_the_model_and_version_as_the_path_does(plane: DataPla
     async def send() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            bodies = [
+            bodies: list[tuple[str, dict[str, Any]]] = [
                 ("/v2/models/m/infer", {"model_name": "m"}),
                 ("/v2/models/m/infer", {"model_name": "other"}),
                 ("/v2/models/m/infer", {"model_name": "m", "model_version": "1"}),
