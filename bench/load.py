@@ -230,23 +230,32 @@ async def connect(port: int) -> HttpConnection:
     return (await loop.create_connection(HttpConnection, "127.0.0.1", port))[1]
 
 
-def http_request(port: int, path: str, body: bytes) -> bytes:
-    """A POST of a JSON ``body`` as bytes on the wire."""
+def http_request(port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """A POST of ``body`` as bytes on the wire: JSON unless ``headers`` name another
+    Content-Type; ``headers`` are sent besides."""
+    fields = {"Content-Type": "application/json", **(headers or {})}
+    lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{lines}"
+        f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
 
 async def rest_load(
-    port: int, path: str, body: bytes, concurrency: int, budget: Budget, server_pid: int
+    port: int,
+    path: str,
+    body: bytes,
+    concurrency: int,
+    budget: Budget,
+    server_pid: int,
+    headers: dict[str, str] | None = None,
 ) -> Sample:
-    """POSTs of ``body`` to ``path`` over ``concurrency`` keep-alive connections; any
-    answer but 200 counts as an error."""
+    """POSTs of ``body`` (with ``headers``, see http_request) to ``path`` over
+    ``concurrency`` keep-alive connections; any answer but 200 counts as an error."""
     connections = [await connect(port) for _ in range(concurrency)]
     free = list(connections)
-    data = http_request(port, path, body)
+    data = http_request(port, path, body, headers)
 
     async def call() -> None:
         conn = free.pop()
@@ -292,11 +301,17 @@ def wrk_load(
     budget: Budget,
     server_pid: int,
     cpus: set[int] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Sample:
     """wrk for ``budget.seconds`` (at least 1 s; wrk counts whole seconds), on ``cpus`` when
-    given (else where the scheduler puts it). Blocking: run it in a thread from a loop."""
-    script = work / "bench.lua"
-    script.write_text(WRK_SCRIPT)
+    given (else where the scheduler puts it), sending ``headers`` besides (a Content-Type
+    among them replaces JSON's). Blocking: run it in a thread from a loop."""
+    text = WRK_SCRIPT + "".join(
+        f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}\n"
+        for name, value in (headers or {}).items()
+    )
+    script = work / f"bench-{zlib.crc32(text.encode()):08x}.lua"
+    script.write_text(text)
     body_path = work / f"body-{zlib.crc32(body):08x}.json"
     if not body_path.exists():
         body_path.write_bytes(body)
@@ -340,6 +355,57 @@ def wrk_load(
         server_cpu,
         result["errors"],
         quantiles=(result["p50_us"] / 1e6, result["p99_us"] / 1e6),
+    )
+
+
+# -- one side of a case ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one side of a case sends, over and over: over REST a POST of ``body`` to the path
+    ``target`` with ``headers`` besides (see http_request); over gRPC the serialized ``body``
+    to the method ``target`` (e.g. "/pkg.Service/Method")."""
+
+    transport: str  # "rest" or "grpc"
+    target: str
+    body: bytes
+    headers: dict[str, str] | None = None
+
+
+async def request_load(
+    request: Request,
+    server_pid: int,
+    rest_port: int,
+    channel: grpc.aio.Channel | None,
+    concurrency: int,
+    budget: Budget,
+    wrk: str | None,
+    work: Path,
+) -> Sample:
+    """One turn of ``request`` on a server: gRPC through ``channel``; REST through ``wrk``
+    when given (in a thread), else asyncio keep-alive connections."""
+    if request.transport == "grpc":
+        if channel is None:
+            raise ValueError("a gRPC request needs a channel")
+        return await grpc_load(
+            channel, request.target, request.body, concurrency, budget, server_pid
+        )
+    if wrk is not None:
+        return await asyncio.to_thread(
+            wrk_load,
+            wrk,
+            work,
+            rest_port,
+            request.target,
+            request.body,
+            concurrency,
+            budget,
+            server_pid,
+            headers=request.headers,
+        )
+    return await rest_load(
+        rest_port, request.target, request.body, concurrency, budget, server_pid, request.headers
     )
 
 

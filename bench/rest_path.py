@@ -6,18 +6,20 @@ sockets, no client: what is left is the server's own work per request.
     .venv/bin/python bench/rest_path.py            # a table
     .venv/bin/python bench/rest_path.py --json     # one JSON object per case
 
-Cases: model A=[784,512,256,10] and a tiny model (784 inputs, 2 outputs); the tensor as JSON
-numbers or base64; one request at a time, or 8 arriving together on 8 connections (they
-share a forward pass). Baseline: the engine's forward pass of the same row alone, measured
-in the same run; "stack" is the time per request minus that forward pass. One BLAS thread,
-as the server runs. Medians of interleaved blocks.
+Cases: model A=[784,512,256,10] and a tiny model (784 inputs, 2 outputs); the row sent to
+``/v1/models/{m}/predict`` as nested JSON numbers (``json``), as base64 (``b64``) or as flat
+numbers with a shape (``flat``), and to the Open Inference Protocol's ``/v2/models/{m}/infer``
+as binary tensor data (``oip-bin``, outputs asked as binary), as flat JSON numbers
+(``oip-json``) or as nested ones (``oip-nested``); one request at a time, or 8 arriving
+together on 8 connections (they share a forward pass). Baseline: the engine's forward pass of
+the same row alone, measured in the same run; "stack" is the time per request minus that
+forward pass. One BLAS thread, as the server runs. Medians of interleaved blocks.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import statistics
@@ -29,31 +31,40 @@ from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import SPEC_A, machine
+from bench.payloads import infer_path, make_oip_payloads, make_payloads, predict_path, rows_of
 
 #: 784 inputs like model A, 2 outputs: what a request costs besides a real forward pass.
 SPEC_TINY: dict[str, Any] = {**SPEC_A, "layers": [{"units": 2, "activation": "softmax"}]}
 MODELS = {"A": SPEC_A, "tiny": SPEC_TINY}
 
 
-def bodies() -> dict[str, bytes]:
-    """A single-row predict body of each kind, the row the same."""
-    x = np.random.default_rng(1).standard_normal((1, 784), dtype=np.float32)
-    b64 = {"b64": base64.b64encode(x.tobytes()).decode(), "shape": [1, 784], "dtype": "float32"}
+#: The bodies' kinds: propserve's own (/v1), then the Open Inference Protocol's (/v2).
+KINDS = ("b64", "json", "flat", "oip-bin", "oip-json", "oip-nested")
+
+
+def bodies() -> dict[str, tuple[bool, bytes, dict[str, str]]]:
+    """A single-row body of each kind, the row the same: (OIP?, body, headers besides)."""
+    own, oip = make_payloads("a", 1), make_oip_payloads("a", 1)
     return {
-        "json": json.dumps({"inputs": x.tolist()}).encode(),
-        "b64": json.dumps({"inputs": b64}).encode(),
+        "b64": (False, own.rest_b64, {}),
+        "json": (False, own.rest, {}),
+        "flat": (False, oip.v1_flat, {}),
+        "oip-bin": (True, oip.binary, oip.binary_header),
+        "oip-json": (True, oip.rest, {}),
+        "oip-nested": (True, oip.rest_nested, {}),
     }
 
 
-def request(model: str, body: bytes) -> bytes:
+def request(model: str, oip: bool, body: bytes, headers: dict[str, str]) -> bytes:
+    path = infer_path(model) if oip else predict_path(model)
+    fields = {"Content-Type": "application/json", **headers}
+    lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
     head = (
-        f"POST /v1/models/{model}/predict HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n{lines}"
+        f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
@@ -122,11 +133,10 @@ async def measure(rounds: int, block: int) -> list[dict[str, Any]]:
 
         connections = [connect() for _ in range(8)]
         payloads = bodies()
-        x = np.frombuffer(base64.b64decode(json.loads(payloads["b64"])["inputs"]["b64"]), "<f4")
-        x = x.reshape(1, 784)
+        x = rows_of(1)
 
         async def run(model: str, kind: str, together: int, n: int) -> float:
-            data = request(model.lower(), payloads[kind])
+            data = request(model.lower(), *payloads[kind])
             start = time.perf_counter()
             for _ in range(n // together):
                 for protocol, transport in connections[:together]:
@@ -149,10 +159,7 @@ async def measure(rounds: int, block: int) -> list[dict[str, Any]]:
             return (time.perf_counter() - start) / n
 
         cases = [
-            (model, kind, together)
-            for model in MODELS
-            for kind in ("b64", "json")
-            for together in (1, 8)
+            (model, kind, together) for model in MODELS for kind in KINDS for together in (1, 8)
         ]
         samples: dict[Any, list[float]] = {case: [] for case in cases}
         forwards: dict[str, list[float]] = {m: [] for m in MODELS}
@@ -205,14 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"numpy {info['numpy']}; one BLAS thread; medians of interleaved blocks")
     print("baseline: the engine's forward pass of the same row alone; stack = path - forward")
     header = (
-        f"{'model':<5} {'body':<5} {'together':>8} {'us/request':>11} {'forward us':>11} "
+        f"{'model':<5} {'body':<10} {'together':>8} {'us/request':>11} {'forward us':>11} "
         f"{'stack us':>9} {'path/forward':>13}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r['model']:<5} {r['body']:<5} {r['together']:>8} {r['path_s'] * 1e6:>11.1f} "
+            f"{r['model']:<5} {r['body']:<10} {r['together']:>8} {r['path_s'] * 1e6:>11.1f} "
             f"{r['forward_s'] * 1e6:>11.1f} {r['stack_s'] * 1e6:>9.1f} {r['ratio']:>13.2f}"
         )
 

@@ -4,6 +4,7 @@
     .venv/bin/python bench/peers/compare.py              # a table (a few minutes)
     .venv/bin/python bench/peers/compare.py --quick      # about a minute
     .venv/bin/python bench/peers/compare.py --json       # one JSON object per line
+    .venv/bin/python bench/peers/compare.py --cases oip  # only the cases of one set
 
 Both servers run as child processes on loopback, each a single process computing with one
 BLAS thread, and do the same work per prediction: model A = [784 -> 512 relu -> 256 relu ->
@@ -17,21 +18,34 @@ BLAS thread, and do the same work per prediction: model A = [784 -> 512 relu -> 
   ``parallel_workers`` 0 (inference in the server's own process), debug (per-request
   access logs) off.
 
-Cases: single-row and 256-row predictions at concurrency 1, 8 and 64, on each transport:
+Cases: single-row and 256-row predictions at concurrency 1, 8 and 64, in two sets (--cases;
+both by default). ``v1``: each server's own best API, on each transport:
 
 - ``rest``: propserve ``POST /v1/models/a/predict`` with {"inputs": nested JSON numbers}
   against MLServer's Open Inference Protocol ``POST /v2/models/a/infer`` with
   {"inputs": [{"name", "shape", "datatype": "FP32", "data": flat JSON numbers}]};
-  single rows through wrk where installed, else (and for 256 rows) asyncio keep-alive
-  connections;
 - ``grpc``: propserve.v1 ``ModelService/Predict`` (raw float32 bytes) against
   ``inference.GRPCInferenceService/ModelInfer`` (values in ``raw_input_contents``, or with
-  --mlserver-grpc typed in ``fp32_contents``), both as pre-serialized bytes through one
-  grpc.aio channel per server; MLServer's are made by its own protobuf modules in its venv
-  (bench/peers/mlserver_requests.py).
+  --mlserver-grpc typed in ``fp32_contents``); MLServer's requests are made by its own
+  protobuf modules in its venv (bench/peers/mlserver_requests.py).
 
-Every case alternates the two servers turn by turn (the order flips each turn), so that the
-host's noise hits both alike. Each request is checked once beforehand (status, output shape).
+``oip``: the Open Inference Protocol on both servers, each sent the very same bytes:
+
+- ``oip-rest``: ``POST /v2/models/a/infer`` with the JSON body above;
+- ``oip-bin``: propserve's ``/v2`` infer with the binary tensor data extension (the
+  ``Inference-Header-Content-Length`` header, a JSON header, the rows' raw float32 bytes;
+  outputs asked as binary too), against MLServer's JSON of ``oip-rest`` in the same turns:
+  MLServer 1.7.1's REST server reads only JSON bodies (its ``--binary-data`` belongs to its
+  ``mlserver infer`` client), so it gets no binary case; the run sends it the binary body once
+  and reports its answer;
+- ``oip-grpc``: ``ModelInfer`` with the values in ``raw_input_contents``, serialized by
+  propserve's generated messages (propserve.oip, the protocol's wire format).
+
+Single-row REST goes through wrk where installed, else (and for 256 rows) asyncio keep-alive
+connections; gRPC requests go as pre-serialized bytes through one grpc.aio channel per server.
+
+Every case alternates its sides turn by turn (the order flips each turn), so that the
+host's noise hits all alike. Each request is checked once beforehand (status, output shape).
 
 Figures, per case and server: req/s (completed requests over the turns' wall time), p50 and
 p99 latency in ms (per request, as the client sees it; wrk's are the median of its turns'),
@@ -63,8 +77,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from bench import load, procs, report
 from bench.common import BLAS_THREADS, DIMS_A, SPEC_A
-from bench.load import Budget, Sample
-from bench.payloads import PREDICT_METHOD, make_payloads, predict_path, rows_of
+from bench.load import Budget, Request, Sample
+from bench.payloads import (
+    INFER_METHOD,
+    PREDICT_METHOD,
+    binary_outputs,
+    infer_path,
+    make_oip_payloads,
+    make_payloads,
+    predict_path,
+    rows_of,
+)
 from propserve.clients import AsyncGrpcClient
 
 HERE = Path(__file__).resolve().parent
@@ -72,9 +95,21 @@ MLSERVER_VENV = HERE.parent.parent / ".venv-mlserver"
 MODEL = "a"
 ROWS = (1, 256)
 CONCURRENCY = (1, 8, 64)
-TRANSPORTS = ("rest", "grpc")
 SERVERS = ("propserve", "mlserver")
-INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+#: The sides of each transport's cases: (side, server, request kind). A side named other
+#: than its server is reported in a row of its own against the server it is measured beside.
+TRANSPORTS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "rest": (("propserve", "propserve", "v1-rest"), ("mlserver", "mlserver", "oip-json")),
+    "grpc": (("propserve", "propserve", "v1-grpc"), ("mlserver", "mlserver", "ml-grpc")),
+    "oip-rest": (
+        ("propserve", "propserve", "oip-json"),
+        ("mlserver", "mlserver", "oip-json"),
+        ("oip-bin", "propserve", "oip-bin"),
+    ),
+    "oip-grpc": (("propserve", "propserve", "oip-grpc"), ("mlserver", "mlserver", "oip-grpc")),
+}
+CASE_SETS: dict[str, tuple[str, ...]] = {"v1": ("rest", "grpc"), "oip": ("oip-rest", "oip-grpc")}
+CASE_SETS["all"] = CASE_SETS["v1"] + CASE_SETS["oip"]
 #: The runtime's file, copied beside model-settings.json, which MLServer imports it from.
 RUNTIME_FILE = HERE / "mlserver_runtime.py"
 RUNTIME = "mlserver_runtime.DenseMLP"
@@ -96,10 +131,7 @@ class Target:
 
     name: str
     child: procs.Child
-    rest_path: str
-    rest_bodies: dict[int, bytes]  # by rows
-    grpc_method: str
-    grpc_requests: dict[int, bytes]  # by rows
+    requests: dict[tuple[str, int], Request]  # by (request kind, rows)
     channel: grpc.aio.Channel | None = field(default=None)
 
 
@@ -140,14 +172,21 @@ def write_mlserver_config(folder: Path, ports: dict[str, int]) -> None:
     (model / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
 
 
-def http_call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    """One HTTP request on a new connection: (status, body)."""
+def http_call(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request on a new connection: (status, headers in lower case, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=body, headers=headers)
+        sent = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers={**sent, **(headers or {})})
         response = conn.getresponse()
-        return response.status, response.read()
+        answer = {key.lower(): value for key, value in response.getheaders()}
+        return response.status, answer, response.read()
     finally:
         conn.close()
 
@@ -160,7 +199,7 @@ def start_mlserver(venv: Path, work: Path) -> procs.Child:
 
     def ready() -> dict[str, int] | None:
         try:
-            status, _ = http_call(ports["rest_port"], "GET", f"/v2/models/{MODEL}/ready")
+            status, _, _ = http_call(ports["rest_port"], "GET", f"/v2/models/{MODEL}/ready")
         except OSError:
             return None
         return ports if status == 200 else None
@@ -192,43 +231,84 @@ def mlserver_grpc_requests(venv: Path, work: Path, raw: bool) -> dict[int, bytes
     return {rows: (out / f"rows_{rows}.bin").read_bytes() for rows in ROWS}
 
 
-def oip_json(rows: int) -> bytes:
-    """An Open Inference Protocol REST body of ``rows`` rows (the same values as propserve's)."""
-    x = rows_of(rows)
-    tensor = {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
-    return orjson.dumps({"inputs": [tensor]})
+def requests_of(
+    kinds: set[str], mlserver_grpc: dict[int, bytes] | None
+) -> dict[tuple[str, int], Request]:
+    """The requests of ``kinds`` by (kind, rows): the same rows in every kind."""
+    requests: dict[tuple[str, int], Request] = {}
+    for rows in ROWS:
+        own, oip = make_payloads(MODEL, rows), make_oip_payloads(MODEL, rows)
+        made = {
+            "v1-rest": Request("rest", predict_path(MODEL), own.rest),
+            "v1-grpc": Request("grpc", PREDICT_METHOD, own.grpc),
+            "oip-json": Request("rest", infer_path(MODEL), oip.rest),
+            "oip-bin": Request("rest", infer_path(MODEL), oip.binary, oip.binary_header),
+            "oip-grpc": Request("grpc", INFER_METHOD, oip.grpc),
+        }
+        if mlserver_grpc is not None:
+            made["ml-grpc"] = Request("grpc", INFER_METHOD, mlserver_grpc[rows])
+        requests.update({(kind, rows): made[kind] for kind in kinds})
+    return requests
 
 
 # -- checks and load -----------------------------------------------------------------------
 
 
-def output_shape(name: str, reply: dict[str, Any]) -> tuple[int, ...]:
-    if name == "propserve":
+def output_shape(path: str, reply: dict[str, Any]) -> tuple[int, ...]:
+    if path.startswith("/v1/"):
         return tuple(np.asarray(reply["outputs"]).shape)
     return tuple(reply["outputs"][0]["shape"])
 
 
-async def check(target: Target) -> None:
-    """One request of every case; raises unless each answers (rows, 10)."""
-    assert target.channel is not None
+async def check_request(target: Target, kind: str, rows: int, request: Request) -> None:
+    """One request; raises unless it answers (rows, 10) float32 outputs."""
+    what = f"{target.name} {kind} {rows} rows"
+    # float32 outputs: at least rows x 10 x 4 bytes, whatever the encoding
+    least = rows * DIMS_A[-1] * 4
+    if request.transport == "grpc":
+        assert target.channel is not None
+        stub: Any = target.channel.unary_unary(request.target)
+        reply = await stub(request.body, timeout=30)
+        if len(reply) < least:
+            raise RuntimeError(f"{what}: a {len(reply)}-byte answer")
+        return
     port = target.child.ports["rest_port"]
-    for rows in ROWS:
-        status, body = http_call(port, "POST", target.rest_path, target.rest_bodies[rows])
-        if status != 200:
-            raise RuntimeError(f"{target.name} REST {rows} rows: HTTP {status}: {body[:300]!r}")
-        shape = output_shape(target.name, orjson.loads(body))
-        if shape != (rows, DIMS_A[-1]):
-            raise RuntimeError(f"{target.name} REST {rows} rows answered shape {shape}")
-        stub: Any = target.channel.unary_unary(target.grpc_method)
-        reply = await stub(target.grpc_requests[rows], timeout=30)
-        # float32 outputs: at least rows x 10 x 4 bytes, whatever the encoding
-        if len(reply) < rows * DIMS_A[-1] * 4:
-            raise RuntimeError(f"{target.name} gRPC {rows} rows: a {len(reply)}-byte answer")
+    status, headers, body = http_call(port, "POST", request.target, request.body, request.headers)
+    if status != 200:
+        raise RuntimeError(f"{what}: HTTP {status}: {body[:300]!r}")
+    length = headers.get("inference-header-content-length")
+    if length is None:
+        shape = output_shape(request.target, orjson.loads(body))
+    else:
+        head, data = binary_outputs(body, int(length))
+        outputs: Any = head["outputs"]
+        shape = tuple(outputs[0]["shape"])
+        if len(data) != least:
+            raise RuntimeError(f"{what}: {len(data)} bytes of binary outputs")
+    if shape != (rows, DIMS_A[-1]):
+        raise RuntimeError(f"{what} answered shape {shape}")
+
+
+async def check(target: Target) -> None:
+    """One request of every case."""
+    for (kind, rows), request in target.requests.items():
+        await check_request(target, kind, rows, request)
+
+
+def probe_binary(port: int) -> str:
+    """A server's answer to a single-row binary infer body, in words."""
+    request = requests_of({"oip-bin"}, None)[("oip-bin", 1)]
+    try:
+        status, _, body = http_call(port, "POST", request.target, request.body, request.headers)
+    except OSError as exc:
+        return f"no answer ({exc})"
+    text = body[:160].decode("utf-8", "replace").replace("\n", " ")
+    return f"HTTP {status}: {text}"
 
 
 async def turn(
     target: Target,
-    transport: str,
+    kind: str,
     rows: int,
     conc: int,
     budget: Budget,
@@ -237,46 +317,51 @@ async def turn(
 ) -> Sample:
     child = target.child
     await procs.quiesce(child.pid)
-    if transport == "grpc":
-        assert target.channel is not None
-        request = target.grpc_requests[rows]
-        return await load.grpc_load(
-            target.channel, target.grpc_method, request, conc, budget, child.pid
-        )
-    port, body = child.ports["rest_port"], target.rest_bodies[rows]
-    if wrk and rows == 1:
-        return await asyncio.to_thread(
-            load.wrk_load, wrk, work, port, target.rest_path, body, conc, budget, child.pid
-        )
-    return await load.rest_load(port, target.rest_path, body, conc, budget, child.pid)
+    request = target.requests[(kind, rows)]
+    return await load.request_load(
+        request,
+        child.pid,
+        child.ports["rest_port"],
+        target.channel,
+        conc,
+        budget,
+        wrk if rows == 1 else None,
+        work,
+    )
 
 
 async def run_cases(
-    plan: Plan, targets: list[Target], wrk: str | None, work: Path
+    plan: Plan, transports: tuple[str, ...], targets: list[Target], wrk: str | None, work: Path
 ) -> list[dict[str, Any]]:
+    by_name = {target.name: target for target in targets}
     results = []
-    for transport in TRANSPORTS:
+    for transport in transports:
+        sides = TRANSPORTS[transport]
         for rows in ROWS:
             for conc in CONCURRENCY:
-                samples: dict[str, list[Sample]] = {t.name: [] for t in targets}
+                samples: dict[str, list[Sample]] = {side: [] for side, _, _ in sides}
                 for i in range(plan.alternations):
                     share = plan.budgets[rows].share(plan.alternations, first=i == 0)
-                    for target in targets if i % 2 == 0 else targets[::-1]:
-                        sample = await turn(target, transport, rows, conc, share, wrk, work)
-                        samples[target.name].append(sample)
-                stats = {name: load.summarize(load.merge(s)) for name, s in samples.items()}
-                ours, theirs = stats["propserve"], stats["mlserver"]
-                results.append(
-                    {
-                        "transport": transport,
-                        "rows": rows,
-                        "concurrency": conc,
-                        "propserve": ours,
-                        "mlserver": theirs,
-                        "ratio_throughput": _ratio(ours["throughput"], theirs["throughput"]),
-                        "ratio_p50": _ratio(ours["p50_s"], theirs["p50_s"]),
-                    }
-                )
+                    for side, server, kind in sides if i % 2 == 0 else sides[::-1]:
+                        sample = await turn(by_name[server], kind, rows, conc, share, wrk, work)
+                        samples[side].append(sample)
+                stats = {side: load.summarize(load.merge(s)) for side, s in samples.items()}
+                theirs = stats["mlserver"]
+                for side, _, _ in sides:
+                    if side == "mlserver":
+                        continue
+                    ours = stats[side]
+                    results.append(
+                        {
+                            "transport": transport if side == "propserve" else side,
+                            "rows": rows,
+                            "concurrency": conc,
+                            "propserve": ours,
+                            "mlserver": theirs,
+                            "ratio_throughput": _ratio(ours["throughput"], theirs["throughput"]),
+                            "ratio_p50": _ratio(ours["p50_s"], theirs["p50_s"]),
+                        }
+                    )
     return results
 
 
@@ -294,10 +379,17 @@ async def benchmark(
     wrk = None if args.rest_client == "asyncio" else shutil.which("wrk")
     if args.rest_client == "wrk" and wrk is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
-    payloads = {rows: make_payloads(MODEL, rows) for rows in ROWS}
-    mlserver_requests = mlserver_grpc_requests(venv, work, raw=args.mlserver_grpc == "raw")
+    transports = CASE_SETS[args.cases]
+    kinds = {name: set[str]() for name in SERVERS}
+    for transport in transports:
+        for _, name, kind in TRANSPORTS[transport]:
+            kinds[name].add(kind)
+    mlserver_grpc = None
+    if "ml-grpc" in kinds["mlserver"]:
+        mlserver_grpc = mlserver_grpc_requests(venv, work, raw=args.mlserver_grpc == "raw")
     children: list[procs.Child] = []
     targets: list[Target] = []
+    mlserver_binary = None
     try:
         server = procs.start_server(work, BLAS_THREADS)
         children.append(server)
@@ -306,28 +398,16 @@ async def benchmark(
         mlserver = start_mlserver(venv, work)
         children.append(mlserver)
         targets = [
-            Target(
-                "propserve",
-                server,
-                predict_path(MODEL),
-                {rows: p.rest for rows, p in payloads.items()},
-                PREDICT_METHOD,
-                {rows: p.grpc for rows, p in payloads.items()},
-            ),
-            Target(
-                "mlserver",
-                mlserver,
-                f"/v2/models/{MODEL}/infer",
-                {rows: oip_json(rows) for rows in ROWS},
-                INFER_METHOD,
-                mlserver_requests,
-            ),
+            Target("propserve", server, requests_of(kinds["propserve"], None)),
+            Target("mlserver", mlserver, requests_of(kinds["mlserver"], mlserver_grpc)),
         ]
         for target in targets:
             target.channel = load.grpc_channel(target.child.ports["grpc_port"])
             await asyncio.wait_for(target.channel.channel_ready(), 10)
             await check(target)
-        results = await run_cases(plan, targets, wrk, work)
+        if "oip-bin" in kinds["propserve"]:
+            mlserver_binary = probe_binary(mlserver.ports["rest_port"])
+        results = await run_cases(plan, transports, targets, wrk, work)
     finally:
         for target in targets:
             if target.channel is not None:
@@ -339,6 +419,8 @@ async def benchmark(
         mlserver_numpy=_venv_numpy(venv),
         rest_client="wrk (1 row), asyncio keep-alive (256 rows)" if wrk else "asyncio keep-alive",
         mlserver_grpc=args.mlserver_grpc,
+        mlserver_binary=mlserver_binary,
+        cases=args.cases,
         blas_threads=BLAS_THREADS,
         alternations=plan.alternations,
         quick=args.quick,
@@ -390,12 +472,24 @@ def print_results(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
         "(latencies in ms; srv us: server CPU per request; x req/s and x p50: propserve over "
         "MLServer;\n errors: propserve/MLServer)"
     )
+    if info["mlserver_binary"] is not None:
+        print(
+            "(oip-bin: propserve with binary tensors against MLServer's JSON (oip-rest) in the "
+            "same turns;\n MLServer's answer to the binary body: "
+            f"{info['mlserver_binary']})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short cases (about a minute)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument(
+        "--cases",
+        choices=tuple(CASE_SETS),
+        default="all",
+        help="v1: each server's own API; oip: the Open Inference Protocol on both (default all)",
+    )
     parser.add_argument(
         "--rest-client",
         choices=("auto", "wrk", "asyncio"),
