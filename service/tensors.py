@@ -109,11 +109,13 @@ def from_base64(shape: Any, dtype: Any, data: Any, max_elements: int) -> NDArray
     return _view(raw, dtype, *layout)
 
 
+def too_many(count: int, max_elements: int) -> ResourceExhausted:
+    return ResourceExhausted(f"tensor has {count:,} elements; the limit is {max_elements:,}")
+
+
 def _check_size(array: NDArray[Any], max_elements: int) -> None:
     if array.size > max_elements:
-        raise ResourceExhausted(
-            f"tensor has {array.size:,} elements; the limit is {max_elements:,}"
-        )
+        raise too_many(array.size, max_elements)
 
 
 def from_matrix(array: NDArray[np.float64], dtype: str, max_elements: int) -> NDArray[Any]:

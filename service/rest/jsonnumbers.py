@@ -15,10 +15,12 @@ the errors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import simdjson
+from numpy.typing import NDArray
 
 
 def object_with_matrix(raw: bytes, key: str) -> dict[str, Any] | None:
@@ -33,6 +35,77 @@ def object_with_matrix(raw: bytes, key: str) -> dict[str, Any] | None:
         # Not JSON, values that are not numbers, or keys simdjson cannot look up (a NUL in
         # a key): the general parser decides.
         return None
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """A tensor's JSON data read as numbers: flat float64 values in row-major order, and
+    for rows of equal length (nested data), their count and length."""
+
+    values: NDArray[np.float64]
+    rows: tuple[int, int] | None
+
+
+def infer_body(raw: bytes) -> dict[str, Any] | None:
+    """An Open Inference Protocol infer body (a JSON object) with each input's ``data``, when
+    it holds only numbers, as :class:`Numbers`; None when the general parser must decide (not
+    JSON, duplicate keys, a NUL in a key). Data holding anything but numbers, or a number
+    beyond float64, stays a list for the general path to refuse in its words."""
+    try:
+        doc = simdjson.Parser().parse(raw)
+        if not isinstance(doc, simdjson.Object):
+            return None
+        return _infer_members(doc)
+    except (ValueError, TypeError, RuntimeError, KeyError):
+        return None
+
+
+def _infer_members(doc: Any) -> dict[str, Any] | None:
+    keys = list(doc.keys())
+    if len(set(keys)) != len(keys):
+        return None
+    body = {name: _plain(doc[name]) for name in keys if name != "inputs"}
+    if "inputs" not in keys:
+        return body
+    inputs = doc["inputs"]
+    if not isinstance(inputs, simdjson.Array):
+        body["inputs"] = _plain(inputs)
+        return body
+    tensors: list[Any] = []
+    for tensor in inputs:
+        if not isinstance(tensor, simdjson.Object):
+            tensors.append(_plain(tensor))
+            continue
+        names = list(tensor.keys())
+        if len(set(names)) != len(names):
+            return None
+        entry = {name: _plain(tensor[name]) for name in names if name != "data"}
+        if "data" in names:
+            entry["data"] = _numbers(tensor["data"])
+        tensors.append(entry)
+    body["inputs"] = tensors
+    return body
+
+
+def _numbers(data: Any) -> Any:
+    """``data`` as :class:`Numbers` if it is an array of numbers, flat or rows of one length
+    (an array within a row flattens into it, as the general path reads it too); else as the
+    general parser gives it."""
+    if not isinstance(data, simdjson.Array):
+        return _plain(data)
+    rows = None
+    if len(data) and isinstance(data[0], simdjson.Array):
+        lengths = {len(row) if isinstance(row, simdjson.Array) else -1 for row in data}
+        if len(lengths) != 1 or -1 in lengths:
+            return _plain(data)
+        rows = (len(data), lengths.pop())
+    try:
+        values = np.frombuffer(data.as_buffer(of_type="d"), dtype=np.float64)
+    except (TypeError, ValueError):
+        return _plain(data)  # booleans, strings, nulls, objects, or a number beyond float64
+    if rows is not None and values.size != rows[0] * rows[1]:
+        return _plain(data)  # arrays within the rows
+    return Numbers(values, rows)
 
 
 def _array_follows(raw: bytes, key: str) -> bool:

@@ -11,11 +11,13 @@ status.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Body, Path, Response
 from numpy.typing import NDArray
@@ -28,6 +30,7 @@ from propserve.service.calls import Call
 from propserve.service.dataplane import DataPlane
 from propserve.service.errors import InvalidArgument, PropserveError
 from propserve.service.models import Prediction
+from propserve.service.rest import jsonnumbers
 from propserve.service.rest.admission import Admission
 from propserve.service.rest.errors import JSON, error_answer
 from propserve.service.rest.predict import read_body
@@ -205,12 +208,14 @@ def infer_request(
                 f"Inference-Header-Content-Length is {length}; the body has {len(raw)} bytes"
             )
         raw, binary = raw[:length], raw[length:]
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("the body must be a JSON object")
+    body = jsonnumbers.infer_body(raw)
+    if body is None:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidArgument("the body must be a JSON object")
     unknown = sorted(set(body) - _INFER_FIELDS)
     if unknown:
         raise InvalidArgument(f"unknown field(s) {unknown}")
@@ -276,18 +281,61 @@ def _input(tensor: Any, binary: bytes, max_elements: int) -> tuple[NDArray[Any],
                 )
             return tensors.from_bytes(shape, dtype, binary[:size], max_elements), size
         data = tensor.get("data")
-        if not isinstance(data, list):
+        if not isinstance(data, jsonnumbers.Numbers | list):
             raise InvalidArgument(f"input {name!r} needs data (a list) or binary_data_size")
-        if data and isinstance(data[0], list):  # nested rows
-            x = tensors.from_json(data, dtype=dtype, max_elements=max_elements)
-            if list(x.shape) != shape:
-                raise InvalidArgument(f"data of shape {list(x.shape)} is not the shape {shape}")
-            return x, 0
-        return tensors.from_json(data, shape=shape, dtype=dtype, max_elements=max_elements), 0
+        numbers = data if isinstance(data, jsonnumbers.Numbers) else _numbers(data, max_elements)
+        values = numbers.values
+        dims = tensors.check_shape(shape, max_elements)
+        if numbers.rows is not None and list(numbers.rows) != shape:
+            raise InvalidArgument(
+                f"data nested as {numbers.rows[0]} rows of {numbers.rows[1]} is not the "
+                f"shape {shape}"
+            )
+        if values.size != math.prod(dims):
+            raise InvalidArgument(
+                f"data holds {values.size} numbers; shape {shape} needs {math.prod(dims)}"
+            )
+        if dtype == "float32" and values.size and float(np.abs(values).max()) > _FLOAT32_MAX:
+            raise InvalidArgument("data holds a number beyond FP32's range")
+        return values.astype(wire.DTYPES[dtype], copy=False).reshape(dims), 0
     except PropserveError as exc:
         if f"input {name!r}" in exc.message:
             raise
         raise type(exc)(f"input {name!r}: {exc.message}") from None
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _numbers(data: list[Any], max_elements: int) -> jsonnumbers.Numbers:
+    """JSON data the fast reader declined, read by the same rules (or refused, saying why):
+    numbers only, flat or as rows of one length."""
+    rows = None
+    if data and isinstance(data[0], list):
+        lengths = {len(row) if isinstance(row, list) else -1 for row in data}
+        if len(lengths) != 1 or -1 in lengths:
+            raise InvalidArgument("nested data must be rows of one length")
+        rows = (len(data), lengths.pop())
+    flat: list[Any] = []
+    pending = [iter(data)]
+    while pending:  # every number, row-major, however deep (as the fast reader flattens)
+        value = next(pending[-1], pending)
+        if value is pending:
+            pending.pop()
+        elif isinstance(value, list):
+            pending.append(iter(value))
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgument(f"data must hold numbers only, not {value!r}"[:120])
+        else:
+            flat.append(value)
+            if len(flat) > max_elements:
+                raise tensors.too_many(len(flat), max_elements)
+    if rows is not None and len(flat) != rows[0] * rows[1]:
+        raise InvalidArgument("nested data must be rows of numbers")
+    try:
+        return jsonnumbers.Numbers(np.asarray(flat, dtype=np.float64), rows)
+    except OverflowError:  # an integer beyond float64
+        raise InvalidArgument("data holds a number beyond FP64's range") from None
 
 
 def infer_answer(
