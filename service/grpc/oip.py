@@ -24,7 +24,7 @@ from propserve.service import oip, tensors
 from propserve.service.dataplane import DataPlane
 from propserve.service.errors import InvalidArgument, code_of
 from propserve.service.grpc.server import Undecodable, tolerant
-from propserve.service.grpc.servicer import Context, abort, call_context
+from propserve.service.grpc.servicer import Context, abort, unary
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -54,27 +54,6 @@ def _open(operation: str) -> Callable[[Method[Request, Response]], Method[Reques
                 self.plane.metrics.observe(
                     operation, "grpc", code, seconds, protocol="oip", api=False
                 )
-
-        return handler
-
-    return wrap
-
-
-def _call(operation: str) -> Callable[[Method[Request, Response]], Method[Request, Response]]:
-    """A method run in the data plane's call context (authorised, counted, logged)."""
-
-    def wrap(method: Method[Request, Response]) -> Method[Request, Response]:
-        @functools.wraps(method)
-        async def handler(self: InferenceService, request: Request, context: Context) -> Response:
-            call = None
-            try:
-                call = call_context(self.plane, operation, context, protocol="oip")
-                with call:
-                    if isinstance(request, Undecodable):
-                        raise InvalidArgument(request.reason)
-                    return await method(self, request, context)
-            except Exception as exc:
-                await abort(context, exc, call)
 
         return handler
 
@@ -131,7 +110,7 @@ class InferenceService:
             properties=meta["properties"],
         )
 
-    @_call("ModelInfer")
+    @unary("ModelInfer", protocol="oip")
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
@@ -150,7 +129,7 @@ class InferenceService:
         )
         return response
 
-    @_call("RepositoryIndex")
+    @unary("RepositoryIndex", protocol="oip")
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
@@ -158,14 +137,14 @@ class InferenceService:
         entry = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[entry(**e) for e in index])
 
-    @_call("RepositoryModelLoad")
+    @unary("RepositoryModelLoad", protocol="oip")
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
         await self.plane.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @_call("RepositoryModelUnload")
+    @unary("RepositoryModelUnload", protocol="oip")
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeAlias, TypeVar
+from typing import Any, NoReturn, Protocol, TypeAlias, TypeVar
 
 import grpc
 
@@ -58,15 +58,23 @@ async def abort(context: Context, exc: BaseException, call: Call | None) -> NoRe
     raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
-def unary(operation: str) -> Callable[[Method[Request, Response]], Method[Request, Response]]:
+class Served(Protocol):
+    """A servicer: its methods call this data plane."""
+
+    plane: DataPlane
+
+
+def unary(
+    operation: str, *, protocol: str = "propserve"
+) -> Callable[[Method[Request, Response]], Method[Request, Response]]:
     """A unary method run in the data plane's call context."""
 
     def wrap(method: Method[Request, Response]) -> Method[Request, Response]:
         @functools.wraps(method)
-        async def handler(self: ModelService, request: Request, context: Context) -> Response:
+        async def handler(self: Served, request: Request, context: Context) -> Response:
             call = None
             try:
-                call = call_context(self.plane, operation, context)
+                call = call_context(self.plane, operation, context, protocol=protocol)
                 with call:
                     if isinstance(request, Undecodable):
                         raise InvalidArgument(request.reason)

@@ -33,7 +33,7 @@ from propserve.service.models import Prediction
 from propserve.service.rest import jsonnumbers
 from propserve.service.rest.admission import Admission
 from propserve.service.rest.errors import JSON, error_answer
-from propserve.service.rest.predict import read_body
+from propserve.service.rest.predict import call_headers, read_body
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
@@ -152,14 +152,7 @@ class InferEndpoint:
         name: str = scope["path_params"]["name"]
         model_version: str = scope["path_params"]["version"]
         call: Call | None = None
-        request_id = authorization = header_length = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                request_id = request_id or value.decode("latin-1")
-            elif key == b"authorization":
-                authorization = authorization or value.decode("latin-1")
-            elif key == HEADER_LENGTH:
-                header_length = header_length or value.decode("latin-1")
+        request_id, authorization, header_length = call_headers(scope, HEADER_LENGTH)
         try:
             call = self.plane.call(
                 "ModelInfer",

@@ -42,6 +42,20 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def call_headers(scope: Scope, extra: bytes = b"") -> tuple[str | None, str | None, str | None]:
+    """The first request id, authorization and ``extra`` header values (latin-1), read in
+    one pass over the headers."""
+    request_id = authorization = other = None
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            request_id = request_id or value.decode("latin-1")
+        elif key == b"authorization":
+            authorization = authorization or value.decode("latin-1")
+        elif key == extra:
+            other = other or value.decode("latin-1")
+    return request_id, authorization, other
+
+
 class PredictEndpoint:
     """The predict route; ``scope["path_params"]["name"]`` names the model."""
 
@@ -53,12 +67,7 @@ class PredictEndpoint:
         name: str = scope["path_params"]["name"]
         plane = self.plane
         call: Call | None = None
-        request_id = authorization = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                request_id = request_id or value.decode("latin-1")
-            elif key == b"authorization":
-                authorization = authorization or value.decode("latin-1")
+        request_id, authorization, _ = call_headers(scope)
         try:
             call = plane.call("Predict", "rest", request_id=request_id, authorization=authorization)
             with call:
