@@ -152,7 +152,7 @@ async def measure(rounds: int, block: int) -> list[dict[str, Any]]:
             return elapsed
 
         def forward_alone(model: str, n: int) -> float:
-            network = models._models[model.lower()].network
+            network = models._models[model.lower()].head
             start = time.perf_counter()
             for _ in range(n):
                 forward(network.spec, network.params, x)

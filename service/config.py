@@ -123,6 +123,36 @@ class Settings(BaseSettings):
         description="BLAS threads per computation (unset: 1; requests run in parallel on "
         "one worker thread per core instead).",
     )
+    follow: bool = Field(
+        False,
+        description="Serve as a read-only replica of the store: follow the versions and labels "
+        "its writer saves, answer predictions, refuse training and changes (see "
+        "docs/scaling.md).",
+    )
+    poll_interval: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="With follow: seconds between looks at the store for new models, "
+        "versions and labels.",
+    )
+    writer_url: str | None = Field(
+        None,
+        description="With follow: the writer's address, named when training or a change is "
+        "refused.",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="With follow: replica processes sharing the REST and gRPC ports, to use "
+        "every core.",
+    )
+    reuse_port: bool = Field(
+        False,
+        description="Bind the ports with SO_REUSEPORT, shared with other processes (set for "
+        "each process of workers).",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     ready_file: Path | None = Field(
         None,
@@ -141,6 +171,8 @@ class Settings(BaseSettings):
     def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        if self.workers > 1 and not self.follow:
+            raise ValueError("workers above 1 need follow: one process writes a store")
         return self
 
     @property

@@ -16,7 +16,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -40,6 +40,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+REPLICA_LAG_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 30.0)
 
 
 class _Histogram:
@@ -195,6 +196,23 @@ class Metrics:
         )
         self.versions = Gauge(
             "propserve_model_versions", "Saved versions on disk.", ["model"], registry=r
+        )
+        # A read-only replica's (propserve.service.replica).
+        self.replica_lag = Histogram(
+            "propserve_replica_lag_seconds",
+            "From a version or label change written to the store to this replica serving it.",
+            buckets=REPLICA_LAG_BUCKETS,
+            registry=r,
+        )
+        self.replica_versions = Gauge(
+            "propserve_replica_versions_loaded",
+            "Saved versions a replica holds in memory to serve (the newest and labelled ones).",
+            registry=r,
+        )
+        self.follow_errors = Counter(
+            "propserve_replica_follow_errors",
+            "Versions a replica refused (failed verification) and store reads that failed.",
+            registry=r,
         )
         self._gc = _CollectorPauses()
         r.register(self._gc)

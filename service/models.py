@@ -124,13 +124,18 @@ class LiveModel:
         self,
         record: ModelRecord,
         spec: ModelSpec,
-        network: Network,
+        network: Network | None,
         parent: int | None,
         last_loss: float | None,
     ) -> None:
         self.record = record
         self.spec = spec
+        #: The live head; a read-only replica has none (propserve.service.replica).
         self.network = network
+        #: A replica's saved versions held in memory (the newest and those labels name).
+        self.pinned: dict[int, tuple[ModelSpec, Params]] = {}
+        #: A replica's newest version's step (the writer's is its head's).
+        self.served_step = 0
         self.parent = parent
         self.latest = parent
         self.last_loss = last_loss
@@ -140,6 +145,17 @@ class LiveModel:
         self.deleted = False
         self.unloaded = False
         self.lock = threading.Lock()
+
+    @property
+    def head(self) -> Network:
+        """The live head (a writer's model always has one)."""
+        if self.network is None:
+            raise FailedPrecondition(f"model {self.record.name!r} has no live head here")
+        return self.network
+
+    @property
+    def step(self) -> int:
+        return self.served_step if self.network is None else self.network.step
 
 
 def to_service_error(exc: EngineError, what: str = "") -> Exception:
@@ -209,7 +225,7 @@ class Models:
     def create_model(
         self, name: str, spec: Any, settings: Mapping[str, Any] | None = None
     ) -> wire.Model:
-        self._check_open()
+        self._check_writable()
         check_name(name)
         try:
             # The parameter limit is the server's (ResourceExhausted), not the spec's validity.
@@ -249,7 +265,7 @@ class Models:
         return sorted(models, key=lambda m: m.name)
 
     def delete_model(self, name: str) -> None:
-        self._check_open()
+        self._check_writable()
         with self._lock:
             unloaded = self._unloaded.pop(name, None)
         if unloaded is not None:
@@ -267,7 +283,7 @@ class Models:
         log.info("model.deleted", extra={"model": name})
 
     def update_settings(self, name: str, settings: Mapping[str, Any]) -> wire.Model:
-        self._check_open()
+        self._check_writable()
         model = self._model(name)
         with model.lock:
             model.record = self.store.update_settings(name, dict(settings))
@@ -286,7 +302,7 @@ class Models:
         """Drop the model's head and cached versions from memory; until :meth:`load_model`,
         calls on it other than reading its record or deleting it answer FailedPrecondition.
         Refused while the head has steps no version holds (they would be lost)."""
-        self._check_open()
+        self._check_writable()
         model = self._model(name)
         with model.lock:
             self._check_alive(model)
@@ -306,7 +322,7 @@ class Models:
     def load_model(self, name: str) -> None:
         """Bring the model into memory: its head (from its newest version) if it was unloaded,
         and the versions its labels name, so the first predictions by them read no disk."""
-        self._check_open()
+        self._check_writable()
         if name in self._unloaded:
             model = self._load(self.store.get_model(name))
             with self._lock:
@@ -363,6 +379,8 @@ class Models:
         problem = wire.source_problem(version, label)
         if problem:
             raise InvalidArgument(problem)
+        if version is None and label is None:
+            version, label = self._default_source(model)
         if label is not None:
             version = self._label_version(model, label)
         try:
@@ -371,7 +389,7 @@ class Models:
             raise to_service_error(exc) from None
         if version is None:
             return PredictQuery(model, None, x, None)
-        return PredictQuery(model, version, x, self._versions.get(name, version))
+        return PredictQuery(model, version, x, self._in_memory(model, version))
 
     def load(self, query: PredictQuery) -> PredictQuery:
         """``query`` with its version's weights in memory, read from disk if need be (slow:
@@ -399,7 +417,7 @@ class Models:
             if model.deleted or model.unloaded:
                 gone = self._gone(model)
                 return [gone for _ in queries]
-            spec, params = model.spec, model.network.params
+            spec, params = model.spec, model.head.params
         elif first.weights is not None:
             spec, params = first.weights
         else:
@@ -449,11 +467,11 @@ class Models:
     ) -> PreparedStep:
         """A training step's batch, validated for the model (InvalidArgument otherwise),
         ready for :meth:`apply_step`; nothing changes."""
-        self._check_open()
+        self._check_writable()
         model = self._model(name)
         self._check_rows(inputs)
         try:
-            batch = model.network.check_batch(inputs, targets, lr=learning_rate)
+            batch = model.head.check_batch(inputs, targets, lr=learning_rate)
         except EngineError as exc:
             raise to_service_error(exc) from None
         return PreparedStep(model, batch)
@@ -461,13 +479,13 @@ class Models:
     def apply_step(self, prepared: PreparedStep) -> wire.StepResult:
         """One step on the head with a batch :meth:`prepare_step` accepted. A diverging step
         changes nothing."""
-        self._check_open()
+        self._check_writable()
         model = prepared.model
         name = model.record.name
         with model.lock:
             self._check_alive(model)
             try:
-                result = model.network.apply(prepared.batch)
+                result = model.head.apply(prepared.batch)
             except DivergedError as exc:
                 self.metrics.refused_steps.labels(name).inc()
                 log.warning("model.step_refused", extra={"model": name, "reason": str(exc)})
@@ -491,7 +509,7 @@ class Models:
     # -- versions and labels -----------------------------------------------------------
 
     def save_version(self, name: str) -> wire.Version:
-        self._check_open()
+        self._check_writable()
         model = self._model(name)
         with model.lock:
             self._check_alive(model)
@@ -503,7 +521,7 @@ class Models:
         return [self._version_record(model, meta) for meta in self.store.list_versions(name)]
 
     def set_label(self, name: str, label: str, version: int) -> wire.Model:
-        self._check_open()
+        self._check_writable()
         model = self._model(name)
         with model.lock:
             model.record = self.store.set_label(name, label, version)
@@ -511,7 +529,7 @@ class Models:
         return self._record(model)
 
     def remove_label(self, name: str, label: str) -> wire.Model:
-        self._check_open()
+        self._check_writable()
         model = self._model(name)
         with model.lock:
             model.record = self.store.remove_label(name, label)
@@ -523,7 +541,7 @@ class Models:
     ) -> wire.Model:
         """Reset the head to a saved version: weights, optimizer state and step. Training
         continues from there, and the next saved version records it as parent."""
-        self._check_open()
+        self._check_writable()
         model = self._model(name)
         if version is None and label is None:
             raise InvalidArgument("rollback needs a version or a label")
@@ -553,6 +571,18 @@ class Models:
     def _check_open(self) -> None:
         if self._closing:
             raise Unavailable("the server is shutting down")
+
+    def _check_writable(self) -> None:
+        """Before any change: a read-only replica refuses them all."""
+        self._check_open()
+
+    def _default_source(self, model: LiveModel) -> tuple[int | None, str | None]:
+        """The (version, label) a prediction naming neither is served from: the head."""
+        return None, None
+
+    def _in_memory(self, model: LiveModel, version: int) -> tuple[ModelSpec, Params] | None:
+        """A saved version's weights if they are in memory."""
+        return self._versions.get(model.record.name, version)
 
     def _check_rows(self, inputs: Any) -> None:
         rows = inputs.shape[0] if isinstance(inputs, np.ndarray) and inputs.ndim else 0
@@ -630,7 +660,7 @@ class Models:
 
     def _save_locked(self, model: LiveModel) -> VersionMeta:
         name = model.record.name
-        state = model.network.to_bytes()
+        state = model.head.to_bytes()
         metrics: dict[str, float] = {}
         if model.last_loss is not None and math.isfinite(model.last_loss):
             # The last batch's loss, and the mean over the steps this version adds.
@@ -638,7 +668,7 @@ class Models:
             if model.unsaved and math.isfinite(model.unsaved_loss_sum):
                 metrics["mean_loss"] = model.unsaved_loss_sum / model.unsaved
         meta = self.store.save_version(
-            name, state, step=model.network.step, parent=model.parent, metrics=metrics
+            name, state, step=model.head.step, parent=model.parent, metrics=metrics
         )
         model.parent = model.latest = meta.version
         model.unsaved = 0
@@ -681,7 +711,7 @@ class Models:
             dict(record.spec),
             dict(record.settings),
             dict(record.labels),
-            model.network.step,
+            model.step,
             model.latest,
             model.unsaved,
             model.spec.n_params,

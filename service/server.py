@@ -33,6 +33,7 @@ from propserve.service.grpc.server import SERVICE_NAME, add_services, new_server
 from propserve.service.grpc.servicer import ModelService
 from propserve.service.metrics import Metrics
 from propserve.service.models import Models
+from propserve.service.replica import Follower, ReplicaModels
 from propserve.service.rest import http
 from propserve.service.rest.app import RestApp
 from propserve.service.store import ModelStore
@@ -58,6 +59,7 @@ class Server:
     ready: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     trim_task: asyncio.Task[None] | None = None
+    follower: Follower | None = None
 
     async def stop(self) -> None:
         """Drain and stop (idempotent)."""
@@ -68,6 +70,8 @@ class Server:
         self.ready = False
         if self.trim_task is not None:
             self.trim_task.cancel()
+        if self.follower is not None:
+            await self.follower.stop()
         await self.health.enter_graceful_shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -119,11 +123,13 @@ def _load_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The REST API's listening socket."""
+def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The REST API's listening socket (shared with other processes with ``reuse_port``)."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host.strip("[]"), port), family=family, backlog=2048)
+        return socket.create_server(
+            (host.strip("[]"), port), family=family, backlog=2048, reuse_port=reuse_port
+        )
     except OSError as exc:
         raise errors.Unavailable(
             f"cannot listen for REST on {host}:{port}: {_reason(exc)}"
@@ -163,8 +169,10 @@ async def start(settings: Settings, *, version: str = "0+unknown") -> Server:
     )
     _check_exposure(settings, auth)
     tls = _load_tls(settings)
-    rest_socket = _listen(settings.rest_host, settings.rest_port)
-    grpc_server = new_server(max_message_bytes=settings.max_message_bytes)
+    rest_socket = _listen(settings.rest_host, settings.rest_port, reuse_port=settings.reuse_port)
+    grpc_server = new_server(
+        max_message_bytes=settings.max_message_bytes, reuse_port=settings.reuse_port
+    )
     try:
         grpc_port = _bind_grpc(grpc_server, settings, tls)
         return await _start(settings, auth, tls, rest_socket, grpc_server, grpc_port, version)
@@ -188,7 +196,11 @@ async def _start(
     threadpool_limits(settings.blas_threads or DEFAULT_BLAS_THREADS, user_api="blas")
     metrics = Metrics()
     try:
-        store = ModelStore(settings.store)
+        store = ModelStore(settings.store, read_only=settings.follow)
+    except errors.NotFound:
+        raise errors.Unavailable(
+            f"cannot follow the model store at {settings.store}: it does not exist"
+        ) from None
     except OSError as exc:
         reason = (
             "it is not a folder"
@@ -199,8 +211,9 @@ async def _start(
             f"cannot open the model store at {settings.store}: {reason}"
         ) from None
     try:
+        core = ReplicaModels if settings.follow else Models
         models = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: Models(store, settings, metrics)
+            None, lambda: core(store, settings, metrics)
         )
     except BaseException:
         store.close()
@@ -210,6 +223,8 @@ async def _start(
     server_ref: list[Server] = []
 
     def ready() -> bool:
+        if isinstance(models, ReplicaModels) and not models.healthy:
+            return False
         return bool(server_ref) and server_ref[0].ready
 
     add_inference_service(grpc_server, InferenceService(plane, ready=ready, version=version))
@@ -238,6 +253,12 @@ async def _start(
         grpc_port=grpc_port,
     )
     server_ref.append(server)
+    if isinstance(models, ReplicaModels):
+        loop = asyncio.get_running_loop()
+        server.follower = Follower(
+            models, settings.poll_interval, lambda work: loop.run_in_executor(None, work)
+        )
+        server.follower.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if settings.tune_heap:

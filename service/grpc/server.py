@@ -63,12 +63,13 @@ class _Registrar:
         self._server.add_registered_method_handlers(service, wrapped)
 
 
-def new_server(*, max_message_bytes: int) -> grpc.aio.Server:
-    """A grpc.aio server with no services yet: ports may be bound before they are added."""
+def new_server(*, max_message_bytes: int, reuse_port: bool = False) -> grpc.aio.Server:
+    """A grpc.aio server with no services yet: ports may be bound before they are added.
+    With ``reuse_port`` its port is shared with other processes (SO_REUSEPORT)."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     return grpc.aio.server(options=options)
 

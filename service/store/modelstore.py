@@ -415,6 +415,14 @@ class ModelStore:
                 log.warning("store.skip_version", extra={"reason": exc.message})
         return None
 
+    def changed_at(self, name: str) -> float | None:
+        """When the model's record (its settings or labels) was last replaced, in seconds
+        since the epoch; None if it is gone."""
+        try:
+            return os.stat(self._root / check_name(name) / MODEL_FILE).st_mtime
+        except OSError:
+            return None
+
     # --- labels -----------------------------------------------------------------------
 
     def set_label(self, name: str, label: str, version: int) -> ModelRecord:

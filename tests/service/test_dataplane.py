@@ -101,7 +101,7 @@ async def together(plane: DataPlane, requests: list[dict[str, Any]]) -> list[Any
 
 def expected(models: Models, x: np.ndarray[Any, Any], name: str = "m") -> np.ndarray[Any, Any]:
     model = models._models[name]  # the head's weights, as the engine would use them
-    return forward(model.spec, model.network.params, x)
+    return forward(model.spec, model.head.params, x)
 
 
 # -- batching ----------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def head_state(core: Models, name: str) -> bytes:
 
     NOTE: reaches into the core's private table; saving a version to read the bytes back
     would change the very model whose unchanged state is being checked."""
-    return core._models[name].network.to_bytes()
+    return core._models[name].head.to_bytes()
 
 
 def version_network(core: Models, name: str, version: int) -> Network:
