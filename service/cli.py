@@ -46,6 +46,10 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("propserve.config").warning(
             "config.unknown_variable", extra={"variable": name}
         )
+    if settings.workers > 1:
+        from propserve.service.supervisor import supervise  # noqa: PLC0415
+
+        return supervise(settings)
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
 
