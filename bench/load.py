@@ -302,10 +302,13 @@ def wrk_load(
     server_pid: int,
     cpus: set[int] | None = None,
     headers: dict[str, str] | None = None,
+    server_cpu: Callable[[int], float] = cpu_seconds,
 ) -> Sample:
     """wrk for ``budget.seconds`` (at least 1 s; wrk counts whole seconds), on ``cpus`` when
     given (else where the scheduler puts it), sending ``headers`` besides (a Content-Type
-    among them replaces JSON's). Blocking: run it in a thread from a loop."""
+    among them replaces JSON's); the server's CPU read by ``server_cpu`` (e.g.
+    procs.tree_cpu_seconds for a server of several processes). Blocking: run it in a
+    thread from a loop."""
     text = WRK_SCRIPT + "".join(
         f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}\n"
         for name, value in (headers or {}).items()
@@ -316,29 +319,28 @@ def wrk_load(
     if not body_path.exists():
         body_path.write_bytes(body)
     seconds = max(1, round(budget.seconds))
-    command = [
-        wrk,
-        "-t1",
-        f"-c{concurrency}",
-        f"-d{seconds}s",
-        "--timeout",
-        "30s",
-        "-s",
-        str(script),
-        f"http://127.0.0.1:{port}{path}",
-    ]
-    if cpus is not None:
-        # NOTE: taskset (util-linux) sets the affinity and execs wrk; a preexec_fn would run
-        # Python between fork and exec, which a process with threads must not do.
-        command = ["taskset", "-c", ",".join(str(cpu) for cpu in sorted(cpus)), *command]
+    command = pinned(
+        [
+            wrk,
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--timeout",
+            "30s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}{path}",
+        ],
+        cpus,
+    )
     env = {**os.environ, "BENCH_BODY": str(body_path)}
     before = os.times()
-    server0 = cpu_seconds(server_pid)
+    server0 = server_cpu(server_pid)
     done = subprocess.run(
         command, check=False, env=env, capture_output=True, text=True, timeout=seconds + 60
     )
     after = os.times()
-    server_cpu = cpu_seconds(server_pid) - server0
+    spent = server_cpu(server_pid) - server0
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if done.returncode or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
@@ -352,10 +354,123 @@ def wrk_load(
         result["requests"],
         result["duration_us"] / 1e6,
         client_cpu,
-        server_cpu,
+        spent,
         result["errors"],
         quantiles=(result["p50_us"] / 1e6, result["p99_us"] / 1e6),
     )
+
+
+def pinned(command: list[str], cpus: set[int] | None) -> list[str]:
+    """``command`` run on ``cpus`` through taskset, or as it is where ``cpus`` is None."""
+    if cpus is None:
+        return command
+    # NOTE: taskset (util-linux) sets the affinity and execs the command; a preexec_fn would
+    # run Python between fork and exec, which a process with threads must not do.
+    return ["taskset", "-c", ",".join(str(cpu) for cpu in sorted(cpus)), *command]
+
+
+# -- gRPC: h2load ----------------------------------------------------------------------------
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC message as it goes in an HTTP/2 body: not compressed (0), its length as 4
+    big-endian bytes, the message."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+@dataclass
+class H2Sample:
+    """One h2load turn: the sample, and what tells whether every answer carried a message."""
+
+    sample: Sample
+    done: int
+    data_bytes: int
+    statuses: dict[str, int]
+
+
+def h2load_grpc(
+    h2load: str,
+    work: Path,
+    port: int,
+    method: str,
+    message: bytes,
+    connections: int,
+    streams: int,
+    seconds: float,
+    server_pid: int,
+    cpus: set[int] | None = None,
+    server_cpu: Callable[[int], float] = cpu_seconds,
+) -> H2Sample:
+    """Unary gRPC calls of ``method`` (e.g. "/pkg.Service/Method") with the serialized
+    ``message``, sent by h2load (Debian: apt-get install nghttp2-client) as HTTP/2 POSTs over
+    ``connections`` connections with ``streams`` calls in flight on each, for ``seconds``,
+    on ``cpus`` when given. h2load reads HTTP statuses, not trailers: a call answered with
+    an error status has no message, which the answers' DATA bytes (``data_bytes``, against
+    ``done`` answers) show; check one call's status with grpcio besides. Latencies are
+    h2load's per-request log's. Blocking: run it in a thread from a loop."""
+    body_path = work / f"grpc-{zlib.crc32(message):08x}.bin"
+    if not body_path.exists():
+        body_path.write_bytes(grpc_frame(message))
+    log = work / f"h2load-{time.monotonic_ns()}.log"
+    command = pinned(
+        [
+            h2load,
+            "-t1",
+            f"-c{connections}",
+            f"-m{streams}",
+            f"-D{seconds:g}",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-d",
+            str(body_path),
+            f"--log-file={log}",
+            f"http://127.0.0.1:{port}{method}",
+        ],
+        cpus,
+    )
+    before = os.times()
+    server0 = server_cpu(server_pid)
+    done = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=seconds + 60
+    )
+    after = os.times()
+    spent = server_cpu(server_pid) - server0
+    try:
+        lines = log.read_text().splitlines() if log.exists() else []
+    finally:
+        log.unlink(missing_ok=True)
+    finished = re.search(r"^finished in ([\d.]+)(m?s)", done.stdout, re.M)
+    answered = re.search(r"^requests: \d+ total, \d+ started, (\d+) done", done.stdout, re.M)
+    codes = re.search(
+        r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", done.stdout, re.M
+    )
+    data = re.search(r"\((\d+)\) data", done.stdout)
+    if done.returncode or not (finished and answered and codes and data):
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stdout}\n{done.stderr}")
+    wall = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
+    statuses = dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, codes.groups()), strict=True))
+    latencies = list(
+        int(fields[2]) / 1e6
+        for fields in (line.split("\t") for line in lines)
+        if len(fields) > 2 and fields[1] == "200"
+    )
+    client_cpu = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+    # done: answered, whatever their status, or failed (connection errors, timeouts)
+    finished_calls = int(answered.group(1))
+    quantiles = Sample(0, 0.0, 0.0, 0.0, latencies=latencies)
+    sample = Sample(
+        statuses["2xx"],
+        wall,
+        client_cpu,
+        spent,
+        finished_calls - statuses["2xx"],
+        quantiles=(quantiles.percentile(0.5), quantiles.percentile(0.99)),
+    )
+    return H2Sample(sample, finished_calls, int(data.group(1)), statuses)
 
 
 # -- one side of a case ----------------------------------------------------------------------

@@ -5,6 +5,7 @@ collector runs)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -96,11 +97,18 @@ def spawn(
     return child
 
 
-def start_server(work: Path, blas_threads: int, name: str = "server") -> Child:
+def start_server(
+    work: Path,
+    blas_threads: int,
+    name: str = "server",
+    store: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Child:
     """propserve (``python -m propserve serve``) on ephemeral loopback ports, its store in
-    ``work/{name}-store``."""
-    env = {
-        "PROPSERVE_STORE": str(work / f"{name}-store"),
+    ``store`` (default ``work/{name}-store``), with the settings in ``env`` besides (e.g.
+    PROPSERVE_FOLLOW)."""
+    settings = {
+        "PROPSERVE_STORE": str(store or work / f"{name}-store"),
         "PROPSERVE_REST_PORT": "0",
         "PROPSERVE_GRPC_PORT": "0",
         "PROPSERVE_REST_HOST": "127.0.0.1",
@@ -108,8 +116,9 @@ def start_server(work: Path, blas_threads: int, name: str = "server") -> Child:
         "PROPSERVE_READY_FILE": str(work / f"{name}.ready.json"),
         "PROPSERVE_GRACE_SECONDS": "5",
         "PROPSERVE_BLAS_THREADS": str(blas_threads),
+        **(env or {}),
     }
-    return spawn(name, [sys.executable, "-m", "propserve", "serve"], work, env)
+    return spawn(name, [sys.executable, "-m", "propserve", "serve"], work, settings)
 
 
 def free_port() -> int:
@@ -143,14 +152,47 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def quiesce(pid: int, timeout: float = 30.0) -> None:
-    """Wait until the process is idle (under 5% of a core over 100 ms), so that one case's
-    backlog does not run into the next; bounded by ``timeout``."""
+def descendants(pid: int) -> list[int]:
+    """The PIDs of a process's children, their children and so on (from /proc, now)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and of its descendants alive now (a supervisor and its
+    worker processes)."""
+    total = 0.0
+    for each in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            total += cpu_seconds(each)
+    return total
+
+
+async def quiesce(pid: int, timeout: float = 30.0, tree: bool = False) -> None:
+    """Wait until the process (with ``tree``, it and its descendants together) is idle
+    (under 5% of a core over 100 ms), so that one case's backlog does not run into the next;
+    bounded by ``timeout``."""
+    cpu = tree_cpu_seconds if tree else cpu_seconds
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        before = cpu_seconds(pid)
+        before = cpu(pid)
         await asyncio.sleep(0.1)
-        if cpu_seconds(pid) - before < 0.005:
+        if cpu(pid) - before < 0.005:
             return
 
 
@@ -209,3 +251,37 @@ async def settled_rss_kib(server: Child) -> int:
         await asyncio.sleep(0.25)
     await asyncio.sleep(0.25)
     return rss_kib(server.pid)
+
+
+# -- processes a server starts -------------------------------------------------------------
+
+
+def started_at(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, /proc's), to tell it from a later
+    process given the same PID; None if it is gone (or a zombie: exited, not yet reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def stop_tree(child: Child, timeout: float = 15.0) -> list[int]:
+    """Stop a server that runs processes of its own (workers): the child as Child.stop does,
+    then any of the processes it had started that outlived it, each by its PID (SIGTERM,
+    then SIGKILL after ``timeout``). Returns the PIDs that outlived it (none when the server
+    stops its own)."""
+    started = {pid: started_at(pid) for pid in descendants(child.pid)}
+    child.stop()
+    left = [pid for pid, at in started.items() if at is not None and started_at(pid) == at]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(started_at(p) == started[p] for p in left):
+        time.sleep(0.05)
+    for pid in left:
+        if started_at(pid) == started[pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return left
