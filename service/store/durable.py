@@ -8,17 +8,25 @@ instant a name refers either to the complete old content or to the complete new 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import queue
 import shutil
+import socket
 import threading
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from propserve.service.errors import FailedPrecondition, ResourceExhausted
+
+log = logging.getLogger("propserve.store")
 
 # Below this size hashing inline is cheaper than handing the buffer to a thread.
 _PARALLEL_HASH_BYTES = 1 << 20
@@ -176,6 +184,109 @@ class WriterLock:
             fd, self._fd = self._fd, None
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _process_start() -> str:
+    """This process's start time (clock ticks since boot): with the pid, one process."""
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+class WriterLease:
+    """A second guard beside :class:`WriterLock`, for filesystems where flock does not
+    exclude another host's writer (NFS emulates it, or with ``local_lock`` keeps it local).
+
+    The writer records its identity (host, pid, process start, a random id) in a lease file
+    and renews it every ``period`` seconds. Another writer refuses to open the store while
+    the lease is held: by a live process on this host, or renewed within ``3 * period`` from
+    another host (after waiting that long for it to lapse). A writer that finds its lease
+    taken by another stops writing (:meth:`check`)."""
+
+    def __init__(self, path: Path, root: Path, *, period: float = 5.0) -> None:
+        self._path = path
+        self._period = period
+        self._id = uuid.uuid4().hex
+        self.me = {
+            "id": self._id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start": _process_start(),
+        }
+        held = self._holder()
+        deadline = time.monotonic() + 3 * period
+        while held is not None and self._alive(held):
+            if held["host"] == self.me["host"] or time.monotonic() > deadline:
+                raise FailedPrecondition(
+                    f"model store {root} is held by another writer (pid {held.get('pid')} on "
+                    f"{held.get('host')}, renewed {time.time() - held['renewed']:.0f}s ago); "
+                    "stop it, or open the store read-only"
+                )
+            time.sleep(min(period, 1.0))  # another host's: it lapses unless renewed
+            held = self._holder()
+        self.lost = False
+        self._write()
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="store-lease", daemon=True)
+        self._renewer.start()
+
+    def check(self) -> None:
+        """FailedPrecondition if another writer has taken the lease."""
+        holder = self._holder()
+        if self.lost or holder is None or holder.get("id") != self._id:
+            self.lost = True
+            raise FailedPrecondition(
+                "another writer has taken over this model store; this one no longer writes"
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        holder = self._holder()
+        if holder is not None and holder.get("id") == self._id:
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+
+    def _alive(self, held: dict[str, Any]) -> bool:
+        if held.get("host") != self.me["host"]:
+            return time.time() - float(held.get("renewed", 0)) < 3 * self._period
+        pid = held.get("pid")
+        if not isinstance(pid, int):
+            return False
+        if pid == self.me["pid"]:
+            return held.get("start") == self.me["start"]  # this very process, or a new one
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self._path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) and "id" in doc else None
+
+    def _write(self) -> None:
+        data = json.dumps({**self.me, "renewed": time.time()}).encode()
+        temporary = self._path.with_name(f"{self._path.name}.{self._id}")
+        temporary.write_bytes(data)
+        os.replace(temporary, self._path)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self._period):
+            holder = self._holder()
+            if holder is None or holder.get("id") != self._id:
+                if not self.lost:
+                    log.error("store.lease_lost", extra={"path": str(self._path)})
+                self.lost = True
+                return
+            with contextlib.suppress(OSError):
+                self._write()
 
 
 class Reaper:

@@ -4,6 +4,7 @@ Layout (every name below the root was validated first; the store's own entries s
 with a dot, which no valid name can)::
 
     <root>/.lock                              flock'ed by the one writer; holds its pid
+    <root>/.writer                            the writer's lease: who writes, renewed
     <root>/.staging/                          temporary folders and files; emptied at a
                                               writable open
     <root>/.tombstones/<model>.json           version high-water mark of a deleted model
@@ -25,8 +26,9 @@ Guarantees:
   model and version and is never served. `latest_version` skips versions that fail and
   remembers verdicts by file identity (device, inode, size, mtime, ctime), so asking again
   costs a stat, not a hash.
-- One writer per store (an advisory flock); any number of read-only opens, which never
-  write and never assume the folder stands still.
+- One writer per store: an advisory flock, and a lease file the writer renews and checks
+  before each write, for filesystems whose flock does not exclude another host (NFS); any
+  number of read-only opens, which never write and never assume the folder stands still.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from propserve.service.store.records import (
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+LEASE_FILE = ".writer"
 STAGING_DIR = ".staging"
 TOMBSTONE_DIR = ".tombstones"
 MODEL_FILE = "model.json"
@@ -102,6 +105,7 @@ class ModelStore:
         *,
         read_only: bool = False,
         max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+        lease_period: float = 5.0,
     ) -> None:
         self._root = Path(root).absolute()
         self._read_only = read_only
@@ -111,6 +115,7 @@ class ModelStore:
         self._mutex = threading.RLock()
         self._verdicts: dict[tuple[str, int], tuple[_FileIdentity, str, bool]] = {}
         self._lock: durable.WriterLock | None = None
+        self._lease: durable.WriterLease | None = None
         self._reaper = durable.Reaper()
         self._closed = False
         if read_only:
@@ -120,11 +125,18 @@ class ModelStore:
         self._root.mkdir(parents=True, exist_ok=True)
         self._lock = durable.WriterLock(self._root / LOCK_FILE, self._root)
         try:
+            lease = durable.WriterLease(self._root / LEASE_FILE, self._root, period=lease_period)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._lease = lease
+        try:
             self._staging.mkdir(exist_ok=True)
             self._tombstones.mkdir(exist_ok=True)
             removed = durable.clear_dir(self._staging)
             durable.fsync_dir(self._root)
         except BaseException:
+            lease.release()
             self._lock.release()
             raise
         if removed:
@@ -148,6 +160,9 @@ class ModelStore:
         with self._mutex:
             self._closed = True
             self._reaper.close()
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -166,6 +181,8 @@ class ModelStore:
         self._check_open()
         if self._read_only:
             raise FailedPrecondition(f"model store {self._root} is open read-only")
+        if self._lease is not None:
+            self._lease.check()
 
     # --- models -----------------------------------------------------------------------
 
