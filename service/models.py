@@ -136,6 +136,9 @@ class LiveModel:
         self.pinned: dict[int, tuple[ModelSpec, Params]] = {}
         #: A replica's newest version's step (the writer's is its head's).
         self.served_step = 0
+        #: A replica's last look at the model in the store (ModelStore.stamp), and how many.
+        self.stamp: tuple[int, ...] | None = None
+        self.looks = 0
         self.parent = parent
         self.latest = parent
         self.last_loss = last_loss

@@ -36,6 +36,10 @@ log = logging.getLogger("propserve.replica")
 
 Weights = tuple[ModelSpec, Params]
 
+#: Refreshes between full looks at a model whose stamp (ModelStore.stamp) has not changed:
+#: a safety net for changes that shared one tick of the filesystem's clock.
+FULL_LOOK_EVERY = 20
+
 
 class ReplicaModels(Models):
     """The models of a store opened read-only, following what its writer saves."""
@@ -119,8 +123,14 @@ class ReplicaModels(Models):
 
     def _follow(self, model: LiveModel, record: ModelRecord, *, initial: bool = False) -> None:
         """Swap in ``record``'s labels and the newest version once each version they need is
-        loaded and verified; a version that fails keeps what was served before."""
+        loaded and verified; a version that fails keeps what was served before. A model whose
+        stamp has not changed is looked at in full only every FULL_LOOK_EVERY refreshes."""
         name = record.name
+        stamp = self.store.stamp(name)
+        model.looks += 1
+        if stamp is not None and stamp == model.stamp and model.looks % FULL_LOOK_EVERY:
+            return
+        model.stamp = stamp
         latest = self.store.latest_version(name)  # the newest that verifies
         pinned: dict[int, Weights] = {}
         failed: set[int] = set()

@@ -432,6 +432,17 @@ class ModelStore:
                 log.warning("store.skip_version", extra={"reason": exc.message})
         return None
 
+    def stamp(self, name: str) -> tuple[int, ...] | None:
+        """A cheap token that changes when the model's record is replaced or a version comes
+        or goes (two stats: model.json's identity, the versions folder's); None if gone.
+        Changes within one tick of the filesystem's clock may share a stamp."""
+        try:
+            record = os.stat(self._root / check_name(name) / MODEL_FILE)
+            versions = os.stat(self._root / name / VERSIONS_DIR)
+        except OSError:
+            return None
+        return (*_identity(record), versions.st_mtime_ns, versions.st_nlink, versions.st_ino)
+
     def changed_at(self, name: str) -> float | None:
         """When the model's record (its settings or labels) was last replaced, in seconds
         since the epoch; None if it is gone."""
