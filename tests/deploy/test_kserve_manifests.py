@@ -4,10 +4,12 @@ Every YAML document there is validated offline: core kinds with kubernetes-valid
 the newest Kubernetes it ships schemas for (strict: an unknown field is refused), KServe
 kinds against the CRD schemas committed under tests/data/kserve-crds/ (with unknown fields
 refused as Kubernetes does, and metadata checked as ObjectMeta). Then what matters to
-propserve: the runtime speaks the Open Inference Protocol on the ports KServe expects, its
-flags and variables are ones `propserve serve --help` lists, its probes ask the OIP health
-paths, no token is written down, and the example InferenceService uses the runtime.
-Copies with a wrong type or an unknown field are refused, so the validation is shown to bite.
+propserve: the runtime speaks the Open Inference Protocol on the ports KServe expects, runs
+read-only replicas (`--follow`) that name the writer of deploy/k8s/, its flags and variables
+are ones `propserve serve --help` lists, its probes ask the OIP health paths, no token is
+written down, and the example InferenceService uses the runtime and scales on the writer's
+claim. Copies with a wrong type or an unknown field are refused, so the validation is shown
+to bite. tests/deploy/test_k8s_manifests.py reuses the helpers for deploy/k8s/.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
@@ -30,6 +33,8 @@ import yaml  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kserve"
+#: The writer the runtime's replicas follow, and the store's claim.
+K8S = ROOT / "deploy" / "k8s"
 CRDS = ROOT / "tests" / "data" / "kserve-crds"
 #: (apiVersion, kind) of each KServe kind the folder may hold -> its committed CRD schema.
 KSERVE_SCHEMAS = {
@@ -43,15 +48,16 @@ MODEL_MOUNT = "/mnt/models"
 Document = dict[str, Any]
 
 
-def _load() -> list[tuple[str, Document]]:
+def load_documents(folder: Path) -> list[tuple[str, Document]]:
+    """Every YAML document in the folder's *.yaml files, named `file#index`."""
     documents = []
-    for path in sorted(DEPLOY.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         loaded = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
         documents += [(f"{path.name}#{index}", doc) for index, doc in enumerate(loaded)]
     return documents
 
 
-DOCUMENTS = _load()
+DOCUMENTS = load_documents(DEPLOY)
 
 
 def _only(kind: str) -> Document:
@@ -90,7 +96,8 @@ def _crd_validator(filename: str) -> Any:
     return jsonschema.Draft202012Validator(_refuse_unknown_fields(schema))
 
 
-def _kubernetes_problems(doc: Document) -> list[str]:
+def kubernetes_problems(doc: Document) -> list[str]:
+    """Why Kubernetes would refuse a core-kind document (strict); empty when it would not."""
     try:
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
     except kubernetes_validate.ValidationError as exc:
@@ -105,7 +112,7 @@ def problems(doc: Document) -> list[str]:
     if not isinstance(doc.get("apiVersion"), str) or not isinstance(doc.get("kind"), str):
         return ["apiVersion and kind must be strings"]
     if not doc["apiVersion"].startswith("serving.kserve.io/"):
-        return _kubernetes_problems(doc)
+        return kubernetes_problems(doc)
     filename = KSERVE_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
     if filename is None:
         return [f"no schema for {doc['apiVersion']} {doc['kind']}"]
@@ -116,7 +123,7 @@ def problems(doc: Document) -> list[str]:
     # A custom resource's metadata is ObjectMeta, which the CRD schema leaves to the API
     # server: check it as the metadata of a core kind.
     meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc.get("metadata")}
-    return found + _kubernetes_problems(meta)
+    return found + kubernetes_problems(meta)
 
 
 @pytest.mark.parametrize(("where", "doc"), DOCUMENTS, ids=[where for where, _ in DOCUMENTS])
@@ -135,7 +142,8 @@ def test_the_folder_holds_the_runtime_and_an_example_service() -> None:
 
 
 @cache
-def _serve_help() -> str:
+def serve_help() -> str:
+    """`propserve serve --help` as this checkout prints it."""
     done = subprocess.run(
         [sys.executable, "-m", "propserve", "serve", "--help"],
         capture_output=True,
@@ -156,18 +164,38 @@ def _container() -> Document:
     return container
 
 
-def _flags(container: Document) -> dict[str, str]:
-    """The container's `propserve serve` flags (`--name=value` or `--name value`)."""
+def known_options() -> tuple[set[str], set[str]]:
+    """The flags and the PROPSERVE_* variables that `propserve serve --help` lists."""
+    text = serve_help()
+    flags = set(re.findall(r"--[a-z][a-z0-9-]*", text))
+    variables = set(re.findall(r"\[(PROPSERVE_[A-Z0-9_]+)\]", text))
+    assert {"--rest-port", "--grpc-port", "--store"} <= flags  # the help was read
+    assert {"PROPSERVE_REST_PORT", "PROPSERVE_STORE"} <= variables
+    return flags, variables
+
+
+def serve_flags(container: Document) -> dict[str, str]:
+    """The container's `propserve serve` flags: `--name=value`, `--name value`, or a switch
+    (`--name` before another flag or at the end), whose value is ``""``."""
     assert container["command"] == ["propserve"]
     args = container["args"]
     assert args[0] == "serve"
     flags = {}
-    rest = iter(args[1:])
-    for arg in rest:
+    rest = args[1:]
+    while rest:
+        arg, *rest = rest
         assert arg.startswith("--"), f"{arg!r} is not a flag"
         name, sep, value = arg.partition("=")
-        flags[name] = value if sep else next(rest)
+        if not sep and rest and not rest[0].startswith("--"):
+            value, *rest = rest
+        assert name not in flags, f"{name} given twice"
+        flags[name] = value
     return flags
+
+
+def environment(container: Document) -> dict[str, Document]:
+    """The container's variables by name."""
+    return {entry["name"]: entry for entry in container.get("env", [])}
 
 
 def _ports() -> dict[str, Document]:
@@ -188,14 +216,11 @@ def test_http_is_on_8080_first_and_grpc_on_a_port_named_h2c() -> None:
 
 
 def test_the_flags_and_variables_are_ones_propserve_serve_has() -> None:
-    text = _serve_help()
-    known_flags = set(re.findall(r"--[a-z][a-z0-9-]*", text))
-    known_variables = set(re.findall(r"\[(PROPSERVE_[A-Z0-9_]+)\]", text))
-    assert {"--rest-port", "--grpc-port", "--store"} <= known_flags  # the help was read
+    known_flags, known_variables = known_options()
     container = _container()
-    flags = _flags(container)
+    flags = serve_flags(container)
     assert set(flags) <= known_flags, set(flags) - known_flags
-    variables = {env["name"] for env in container.get("env", [])}
+    variables = set(environment(container))
     assert variables <= known_variables, variables - known_variables
     # The server listens where the ports say, beyond loopback, with its store on the mount.
     assert flags["--rest-host"] == flags["--grpc-host"] == "0.0.0.0"
@@ -204,11 +229,30 @@ def test_the_flags_and_variables_are_ones_propserve_serve_has() -> None:
     assert (flags["--store"] + "/").startswith(MODEL_MOUNT + "/")
 
 
+def test_the_runtime_runs_read_only_replicas_that_name_the_writer() -> None:
+    container = _container()
+    # A replica never writes the store, so it scales, and KServe may mount it read-only.
+    assert serve_flags(container)["--follow"] == ""
+    # The writer's URL, named when a replica refuses training: the Service of deploy/k8s/'s
+    # writer, on its REST port, in the same namespace.
+    url = urlsplit(environment(container)["PROPSERVE_WRITER_URL"]["value"])
+    k8s = [doc for _, doc in load_documents(K8S)]
+    (writer,) = [doc for doc in k8s if doc["kind"] == "StatefulSet"]
+    (service,) = [
+        doc for doc in k8s if doc["kind"] == "Service" and doc["metadata"]["name"] == url.hostname
+    ]
+    assert (
+        service["spec"]["selector"].items()
+        <= writer["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert url.scheme == "http"
+    assert url.port in [port["port"] for port in service["spec"]["ports"] if port["name"] == "http"]
+
+
 def test_tokens_come_from_a_secret_and_none_is_written_down() -> None:
     container = _container()
-    assert "--tokens" not in _flags(container)  # a command line is visible to `ps`
-    env = {entry["name"]: entry for entry in container.get("env", [])}
-    tokens = env["PROPSERVE_TOKENS"]
+    assert "--tokens" not in serve_flags(container)  # a command line is visible to `ps`
+    tokens = environment(container)["PROPSERVE_TOKENS"]
     assert "value" not in tokens
     assert tokens["valueFrom"]["secretKeyRef"]["name"]
     assert tokens["valueFrom"]["secretKeyRef"]["key"]
@@ -240,20 +284,27 @@ def test_the_inference_service_runs_on_the_runtime() -> None:
     assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
 
 
-def test_the_inference_service_gives_the_store_one_writer_and_a_writable_claim() -> None:
+def test_the_inference_service_scales_replicas_on_the_writers_claim_read_only() -> None:
     service = _only("InferenceService")
     predictor = service["spec"]["predictor"]
-    annotations = service["metadata"]["annotations"]
+    annotations = service["metadata"].get("annotations", {})
     # Two ports per container: KServe's Standard mode (Knative takes one).
     assert annotations["serving.kserve.io/deploymentMode"] == "Standard"
-    # KServe mounts storage read-only unless told; propserve writes its store.
-    assert annotations["storage.kserve.io/readonly"] == "false"
-    # One process writes a store, and its lock refuses a second: one pod, never two at once.
-    assert predictor["minReplicas"] == predictor["maxReplicas"] == 1
-    assert predictor["deploymentStrategy"]["type"] == "Recreate"
+    # KServe mounts storage read-only unless told otherwise; a replica never writes.
+    assert annotations.get("storage.kserve.io/readonly", "true") == "true"
+    # Replicas share the store: several pods, an autoscaler, old and new side by side.
+    assert annotations.get("serving.kserve.io/autoscalerClass", "hpa") != "none"
+    assert predictor["maxReplicas"] > predictor.get("minReplicas", 1) >= 1
+    assert predictor.get("deploymentStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    # No PROPSERVE_* variables from the namespace's Services (they would name no setting).
+    assert predictor["enableServiceLinks"] is False
+    # The store is deploy/k8s/'s claim, which its writer writes and many pods mount.
     claim = re.fullmatch(r"pvc://([a-z0-9.-]+)(/.*)?", predictor["model"]["storageUri"])
     assert claim, predictor["model"]["storageUri"]
-    assert _only("PersistentVolumeClaim")["metadata"]["name"] == claim.group(1)
+    (store,) = [doc for _, doc in load_documents(K8S) if doc["kind"] == "PersistentVolumeClaim"]
+    assert store["metadata"]["name"] == claim.group(1)
+    assert "ReadWriteMany" in store["spec"]["accessModes"]
+    assert not [doc for _, doc in DOCUMENTS if doc["kind"] == "PersistentVolumeClaim"]
 
 
 # --- the validation bites --------------------------------------------------------------------
@@ -284,6 +335,10 @@ BROKEN: dict[str, tuple[str, Callable[[Document], None]]] = {
         "ServingRuntime",
         lambda d: d["spec"].update(protocolVersions="v2"),
     ),
+    "runtime env value not a string": (
+        "ServingRuntime",
+        lambda d: _runtime_container(d)["env"].append({"name": "PROPSERVE_X", "value": 1}),
+    ),
     "service replicas as a string": (
         "InferenceService",
         lambda d: d["spec"]["predictor"].update(minReplicas="1"),
@@ -298,23 +353,25 @@ BROKEN: dict[str, tuple[str, Callable[[Document], None]]] = {
     ),
     "service annotation value not a string": (
         "InferenceService",
-        lambda d: d["metadata"]["annotations"].update({"storage.kserve.io/readonly": False}),
+        lambda d: d["metadata"]["annotations"].update({"storage.kserve.io/readonly": True}),
     ),
-    "claim field misspelt": (
-        "PersistentVolumeClaim",
-        lambda d: d["spec"].update(accesModes=["ReadWriteOnce"]),
+    "service autoscaling field misspelt": (
+        "InferenceService",
+        lambda d: d["spec"]["predictor"]["autoScaling"].update(metric=[]),
     ),
-    "claim access modes as a string": (
-        "PersistentVolumeClaim",
-        lambda d: d["spec"].update(accessModes="ReadWriteOnce"),
+    "service autoscaling target as a string": (
+        "InferenceService",
+        lambda d: d["spec"]["predictor"]["autoScaling"]["metrics"][0]["resource"]["target"].update(
+            averageUtilization="70"
+        ),
     ),
     "an unknown KServe version": (
         "ServingRuntime",
         lambda d: d.update(apiVersion="serving.kserve.io/v9"),
     ),
     "an unknown core kind": (
-        "PersistentVolumeClaim",
-        lambda d: d.update(kind="PersistentVolumeClam"),
+        "InferenceService",
+        lambda d: d.update(apiVersion="v1", kind="PersistentVolumeClam"),
     ),
 }
 
