@@ -183,6 +183,15 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def host_busy_seconds() -> float:
+    """CPU seconds the host's processes have spent since boot, all cores together
+    (/proc/stat: user, nice and system time; not interrupts, which the kernel may count
+    apart from the process they serve, nor idle, I/O wait or steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system = (int(f) for f in fields[:3])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+
+
 async def quiesce(pid: int, timeout: float = 30.0, tree: bool = False) -> None:
     """Wait until the process (with ``tree``, it and its descendants together) is idle
     (under 5% of a core over 100 ms), so that one case's backlog does not run into the next;

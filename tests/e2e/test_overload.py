@@ -45,7 +45,10 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         env={"PROPSERVE_MAX_QUEUED_ROWS": "1", "PROPSERVE_BATCH_ROWS": "512"},
     )
     try:
-        response = httpx.post(f"{process.rest_url}/v1/models", json={"name": "w", "spec": WIDE})
+        # A wide model takes a while to build on a busy machine: no 5 s default here.
+        response = httpx.post(
+            f"{process.rest_url}/v1/models", json={"name": "w", "spec": WIDE}, timeout=120
+        )
         assert response.status_code == 201, response.text
         yield process
     finally:
