@@ -133,15 +133,13 @@ class ReplicaModels(Models):
         model.stamp = stamp
         latest = self.store.latest_version(name)  # the newest that verifies
         pinned: dict[int, Weights] = {}
-        failed: set[int] = set()
         wanted = set(record.labels.values()) | ({latest.version} if latest else set())
         for version in sorted(wanted):
-            weights = model.pinned.get(version)
+            weights = model.pinned.get(version) or self._versions.get(name, version)
             if weights is None:
                 try:
                     meta, network = self._load_version(model, version)
                 except (DataLoss, NotFound) as exc:
-                    failed.add(version)
                     self.metrics.follow_errors.inc()
                     log.warning(
                         "replica.version_refused",
@@ -149,7 +147,7 @@ class ReplicaModels(Models):
                     )
                     continue
                 weights = (network.spec, network.params)
-                if not initial:
+                if not initial and version > (model.latest or 0):  # new since the last look
                     self._observe_lag(meta.created_at)
             pinned[version] = weights
         labels = {}
@@ -160,6 +158,9 @@ class ReplicaModels(Models):
                 labels[label] = model.record.labels[label]  # the move failed: keep the old
                 pinned[labels[label]] = model.pinned[labels[label]]
         moved = labels != model.record.labels
+        for version, weights in model.pinned.items():
+            if version not in pinned:  # a label left it: kept at hand in the cache
+                self._versions.put(name, version, weights)
         with model.lock:
             model.record = _with_labels(record, labels)
             model.pinned = pinned
