@@ -45,11 +45,12 @@ def test_label_moves_back_and_forth_read_each_version_once_and_count_one_lag_eac
     writer, replica = pair
     loads: list[int] = []
     load = replica._load_version
-    monkeypatch.setattr(
-        replica,
-        "_load_version",
-        lambda model, version: loads.append(version) or load(model, version),
-    )
+
+    def counted(model: Any, version: int) -> Any:
+        loads.append(version)
+        return load(model, version)
+
+    monkeypatch.setattr(replica, "_load_version", counted)
     assert replica.predict("m", X).version == 3  # no label: the newest
     for move in range(6):
         version = 1 + move % 2
