@@ -35,7 +35,7 @@ from propserve.clients.errors import (
 )
 from propserve.clients.grpc_client import AsyncGrpcClient, GrpcClient
 from propserve.clients.rest_client import AsyncRestClient, RestClient
-from propserve.clients.types import Model, Prediction, StepResult, Version
+from propserve.clients.types import Evaluation, Model, Prediction, StepResult, Version
 
 __all__ = [
     "AlreadyExists",
@@ -46,6 +46,7 @@ __all__ = [
     "ClientError",
     "DataLoss",
     "DeadlineExceeded",
+    "Evaluation",
     "FailedPrecondition",
     "GrpcClient",
     "Internal",

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from propserve.clients import arguments
 from propserve.clients._progress import Progress
 from propserve.clients.errors import ClientError, InvalidArgument
-from propserve.clients.types import Model, Prediction, StepResult, Version
+from propserve.clients.types import Evaluation, Model, Prediction, StepResult, Version
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -50,6 +50,14 @@ class Codec(Protocol):
     def predict(
         self, name: str, inputs: NDArray[Any], version: int | None, label: str | None
     ) -> Call[Prediction]: ...
+    def evaluate(
+        self,
+        name: str,
+        inputs: NDArray[Any],
+        targets: NDArray[Any],
+        version: int | None,
+        label: str | None,
+    ) -> Call[Evaluation]: ...
     def train_step(
         self,
         name: str,
@@ -97,6 +105,13 @@ class Calls:
     def predict(self, name: str, inputs: Any, version: Any, label: Any) -> Call[Prediction]:
         source = arguments.source(version, label)
         return _retried(self.codec.predict(name, arguments.tensor(inputs, "inputs"), *source))
+
+    def evaluate(
+        self, name: str, inputs: Any, targets: Any, version: Any, label: Any
+    ) -> Call[Evaluation]:
+        source = arguments.source(version, label)
+        inputs, targets = arguments.tensor(inputs, "inputs"), arguments.tensor(targets, "targets")
+        return _retried(self.codec.evaluate(name, inputs, targets, *source))
 
     def train_step(
         self, name: str, inputs: Any, targets: Any, learning_rate: Any

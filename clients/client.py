@@ -34,7 +34,7 @@ from propserve.clients._progress import Progress
 from propserve.clients._retry import NO_RETRY, RetryPolicy
 from propserve.clients.calls import Call, Calls, Codec, TrainRun
 from propserve.clients.errors import ClientError
-from propserve.clients.types import Model, Prediction, StepResult, Version
+from propserve.clients.types import Evaluation, Model, Prediction, StepResult, Version
 
 T = TypeVar("T")
 
@@ -118,6 +118,20 @@ class Client(BaseClient, ABC):
         """Outputs for ``inputs`` (batch, features) from the head, a saved ``version``, or
         the version ``label`` names. Retried per ``retry``."""
         return self._call(self._calls.predict(name, inputs, version, label))
+
+    def evaluate(
+        self,
+        name: str,
+        inputs: Any,
+        targets: Any,
+        *,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> Evaluation:
+        """The loss (and accuracy) on (``inputs``, ``targets``) of the head, a saved
+        ``version`` or the version ``label`` names, as a training step computes it; changes
+        nothing. Retried per ``retry``."""
+        return self._call(self._calls.evaluate(name, inputs, targets, version, label))
 
     def train_step(
         self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None
@@ -223,6 +237,17 @@ class AsyncClient(BaseClient, ABC):
         self, name: str, inputs: Any, *, version: int | None = None, label: str | None = None
     ) -> Prediction:
         return await self._call(self._calls.predict(name, inputs, version, label))
+
+    async def evaluate(
+        self,
+        name: str,
+        inputs: Any,
+        targets: Any,
+        *,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> Evaluation:
+        return await self._call(self._calls.evaluate(name, inputs, targets, version, label))
 
     async def train_step(
         self, name: str, inputs: Any, targets: Any, *, learning_rate: float | None = None

@@ -25,7 +25,7 @@ from propserve.clients._retry import RetryPolicy
 from propserve.clients.arguments import DTYPE_NAMES, to_json
 from propserve.clients.calls import Call
 from propserve.clients.client import AsyncClient, Client
-from propserve.clients.types import Model, Prediction, StepResult, Version
+from propserve.clients.types import Evaluation, Model, Prediction, StepResult, Version
 from propserve.v1 import model_service_pb2 as pb
 from propserve.v1 import model_service_pb2_grpc as pb_grpc
 
@@ -158,6 +158,16 @@ def step_from(message: pb.TrainStepResponse) -> StepResult:
     )
 
 
+def evaluation_from(message: pb.EvaluateResponse) -> Evaluation:
+    return Evaluation(
+        loss=message.loss,
+        accuracy=_optional(message, "accuracy"),
+        rows=message.rows,
+        step=message.step,
+        version=_optional(message, "version"),
+    )
+
+
 def prediction_from(message: pb.PredictResponse) -> Prediction:
     return Prediction(decode_tensor(message.outputs), _optional(message, "version"), message.step)
 
@@ -218,6 +228,23 @@ class GrpcCodec:
         elif label is not None:
             message.label = label
         return Call(GrpcRequest("Predict", message), _reading(prediction_from))
+
+    def evaluate(
+        self,
+        name: str,
+        inputs: NDArray[Any],
+        targets: NDArray[Any],
+        version: int | None,
+        label: str | None,
+    ) -> Call[Evaluation]:
+        message = pb.EvaluateRequest(
+            model=name, inputs=encode_tensor(inputs), targets=encode_tensor(targets)
+        )
+        if version is not None:
+            message.version = version
+        elif label is not None:
+            message.label = label
+        return Call(GrpcRequest("Evaluate", message), _reading(evaluation_from))
 
     def train_step(
         self,

@@ -28,7 +28,7 @@ from propserve.clients._retry import RetryPolicy
 from propserve.clients.arguments import DTYPE_NAMES, to_json
 from propserve.clients.calls import Call
 from propserve.clients.client import AsyncClient, Client
-from propserve.clients.types import Model, Prediction, StepResult, Version
+from propserve.clients.types import Evaluation, Model, Prediction, StepResult, Version
 
 T = TypeVar("T")
 
@@ -129,6 +129,10 @@ def step_from(data: dict[str, Any]) -> StepResult:
     return StepResult(**_fields(StepResult, data))
 
 
+def evaluation_from(data: dict[str, Any]) -> Evaluation:
+    return Evaluation(**_fields(Evaluation, data))
+
+
 def prediction_from(data: dict[str, Any]) -> Prediction:
     outputs = np.asarray(data["outputs"], dtype=wire.DTYPES[data["dtype"]])
     return Prediction(outputs, data["version"], data["step"])
@@ -203,6 +207,25 @@ class RestCodec:
             body["label"] = label
         path = f"/v1/models/{_segment(name)}/predict"
         return Call(RestRequest("POST", path, to_json(body)), _reading(prediction_from))
+
+    def evaluate(
+        self,
+        name: str,
+        inputs: NDArray[Any],
+        targets: NDArray[Any],
+        version: int | None,
+        label: str | None,
+    ) -> Call[Evaluation]:
+        body: dict[str, Any] = {
+            "inputs": tensor_json(inputs, self.tensor_encoding),
+            "targets": tensor_json(targets, self.tensor_encoding),
+        }
+        if version is not None:
+            body["version"] = version
+        if label is not None:
+            body["label"] = label
+        path = f"/v1/models/{_segment(name)}/evaluate"
+        return Call(RestRequest("POST", path, to_json(body)), _reading(evaluation_from))
 
     def train_step(
         self,

@@ -8,9 +8,9 @@ from typing import Any
 
 from numpy.typing import NDArray
 
-from propserve.wire import Model, StepResult, Version
+from propserve.wire import Evaluation, Model, StepResult, Version
 
-__all__ = ["Model", "Prediction", "StepResult", "Version"]
+__all__ = ["Evaluation", "Model", "Prediction", "StepResult", "Version"]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ semantics, and state as safetensors bytes. No I/O, no threads of its own.
 
 from propserve.engine.errors import DivergedError, EngineError, InputError, SpecError, StateError
 from propserve.engine.inputs import all_finite, check_inputs, check_targets
-from propserve.engine.network import CheckedBatch, Network, Params, TrainResult, forward
+from propserve.engine.network import CheckedBatch, Network, Params, TrainResult, evaluate, forward
 from propserve.engine.serialization import dump_network, load_network
 from propserve.engine.spec import DEFAULT_MAX_PARAMS, LayerSpec, ModelSpec, OptimizerSpec
 
@@ -38,6 +38,7 @@ __all__ = [
     "check_inputs",
     "check_targets",
     "dump_network",
+    "evaluate",
     "forward",
     "load_network",
 ]

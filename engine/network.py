@@ -206,6 +206,33 @@ class _Workspace:
             self.apply_backward.append(not plain)
 
 
+def _forward_into(spec: ModelSpec, params: Params, x: Array, ws: _Workspace) -> tuple[Array, Array]:
+    """Forward pass into the workspace; returns the output layer's (z, a)."""
+    a_prev = x
+    last = len(spec.layers) - 1
+    for i, (w, b, layer) in enumerate(
+        zip(params.weights, params.biases, spec.layers, strict=False)
+    ):
+        z, a = ws.z[i], ws.a[i]
+        np.matmul(a_prev, w, out=z)
+        z += b
+        if a is not z:
+            FORWARD[layer.activation](z, a)
+        a_prev = a
+    return ws.z[last], ws.a[last]
+
+
+def evaluate(spec: ModelSpec, params: Params, x: Any, y: Any) -> tuple[float, float | None]:
+    """Loss and accuracy (classification losses) of ``params`` on (x, y), validated as a
+    training step's batch would be; nothing changes."""
+    x = check_inputs(spec, x)
+    y = check_targets(spec, y, x.shape[0])
+    with np.errstate(all="ignore"):
+        z, a = _forward_into(spec, params, x, _Workspace(spec, x.shape[0]))
+        loss = LOSSES[spec.loss](z, a, y, np.empty_like(z))
+        return loss, accuracy(spec.loss, z, y)
+
+
 class Network:
     """A multi-layer perceptron with its optimizer state.
 
@@ -271,13 +298,7 @@ class Network:
 
     def evaluate(self, x: Any, y: Any) -> tuple[float, float | None]:
         """Loss and accuracy of the current parameters on (x, y), without updating."""
-        x = check_inputs(self.spec, x)
-        y = check_targets(self.spec, y, x.shape[0])
-        params = self._params
-        with np.errstate(all="ignore"):
-            z, a = self._forward_layers(params, x, _Workspace(self.spec, x.shape[0]))
-            loss = LOSSES[self.spec.loss](z, a, y, np.empty_like(z))
-            return loss, accuracy(self.spec.loss, z, y)
+        return evaluate(self.spec, self._params, x, y)
 
     def loss_and_gradient(self, x: Any, y: Any) -> tuple[float, Array]:
         """Loss on (x, y) and its gradient with respect to the flat parameters (a copy laid out
@@ -407,19 +428,7 @@ class Network:
         return ws
 
     def _forward_layers(self, params: Params, x: Array, ws: _Workspace) -> tuple[Array, Array]:
-        """Forward pass into the workspace; returns the output layer's (z, a)."""
-        a_prev = x
-        last = len(self.spec.layers) - 1
-        for i, (w, b, layer) in enumerate(
-            zip(params.weights, params.biases, self.spec.layers, strict=False)
-        ):
-            z, a = ws.z[i], ws.a[i]
-            np.matmul(a_prev, w, out=z)
-            z += b
-            if a is not z:
-                FORWARD[layer.activation](z, a)
-            a_prev = a
-        return ws.z[last], ws.a[last]
+        return _forward_into(self.spec, params, x, ws)
 
     def _backward(
         self,

@@ -2,7 +2,8 @@
 
 Creates a model, streams scikit-learn's bundled digits (8x8 images, no download) to it in
 batches over gRPC with a progress line per epoch, saves a version, labels it ``stable``,
-then asks for predictions over REST by that label and prints the test accuracy::
+then asks over REST, by that label, for a few predictions and the held-out rows' loss and
+accuracy (Evaluate)::
 
     propserve serve &
     python examples/train_digits.py                      # about 97% after 20 epochs
@@ -91,11 +92,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"saved version {version.version} at step {version.step}, labelled stable")
 
     with RestClient(args.rest, token=args.token) as rest_client:
-        prediction = rest_client.predict(args.model, x_test, label="stable")
-    accuracy = float(np.mean(prediction.outputs.argmax(axis=1) == y_test))
+        prediction = rest_client.predict(args.model, x_test[:3], label="stable")
+        print(f"predicted {prediction.outputs.argmax(axis=1).tolist()}, true {y_test[:3].tolist()}")
+        # The server scores the held-out rows itself: the loss as training computes it.
+        held_out = rest_client.evaluate(args.model, x_test, y_test, label="stable")
+    accuracy = held_out.accuracy or 0.0
     print(
-        f"test accuracy {accuracy:.4f} on {len(x_test)} held-out digits "
-        f"(version {prediction.version} by label 'stable', over REST)"
+        f"test accuracy {accuracy:.4f}, loss {held_out.loss:.4f} on {held_out.rows} held-out "
+        f"digits (version {held_out.version} by label 'stable', over REST)"
     )
     if accuracy < args.min_accuracy:
         print(f"below --min-accuracy {args.min_accuracy}", file=sys.stderr)

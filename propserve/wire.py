@@ -8,7 +8,7 @@ ladder (propserve.clients.errors) and the error table of docs/api.md (checked by
 - the retry hint of a refusal for being too busy, in one unit on both transports;
 - the tensor dtypes;
 - the rules for names, request ids, versions and labels, and per-model settings;
-- the records both transports return: Model, Version, StepResult.
+- the records both transports return: Model, Version, StepResult, Evaluation.
 
 "Absent" is ``None`` in these records, ``null`` in REST's JSON and an unset proto3
 ``optional`` field on gRPC; times are seconds since the Unix epoch, as floats, on both.
@@ -228,6 +228,20 @@ class Version:
     sha256: str
     size_bytes: int
     labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's loss on given rows, without training: what Evaluate reports."""
+
+    loss: float
+    #: Classification losses only.
+    accuracy: float | None
+    rows: int
+    #: The training step of the weights that answered.
+    step: int
+    #: The saved version that answered (None: the live head).
+    version: int | None
 
 
 @dataclass(frozen=True)

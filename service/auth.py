@@ -23,6 +23,7 @@ REQUIRED_ROLE: dict[str, str] = {
     "ListModels": "predict",
     "ListVersions": "predict",
     "Predict": "predict",
+    "Evaluate": "predict",
     "TrainStep": "train",
     "Train": "train",
     "SaveVersion": "train",

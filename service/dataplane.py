@@ -315,6 +315,20 @@ class DataPlane:
             query = await self.workers.run(self.models.load, query)
         return await self.batcher.submit(query)
 
+    async def evaluate(
+        self,
+        name: str,
+        inputs: NDArray[Any],
+        targets: NDArray[Any],
+        *,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> wire.Evaluation:
+        """A loss without training (in a worker: it computes the whole forward pass)."""
+        return await self.workers.run(
+            self.models.evaluate, name, inputs, targets, version=version, label=label
+        )
+
     async def train_step(
         self,
         name: str,

@@ -39,6 +39,7 @@ from propserve.engine import (
     StateError,
     all_finite,
     check_inputs,
+    evaluate,
     forward,
 )
 from propserve.service.config import Settings
@@ -446,6 +447,36 @@ class Models:
         if answered:
             self.metrics.predicted(model.record.name, answered, len(x))
         return results
+
+    def evaluate(
+        self,
+        name: str,
+        inputs: NDArray[Any],
+        targets: NDArray[Any],
+        *,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> wire.Evaluation:
+        """The loss (and accuracy) on (inputs, targets) of the head, a saved version or the
+        version a label names, as a training step would compute it; nothing changes. Slow
+        for a version not in memory (reads it): call it off the event loop."""
+        query = self.load(self.prepare_predict(name, inputs, version=version, label=label))
+        model = query.model
+        if query.weights is not None:
+            spec, params = query.weights
+        else:
+            if model.deleted or model.unloaded:
+                raise self._gone(model)
+            spec, params = model.spec, model.head.params
+        try:
+            loss, accuracy = evaluate(spec, params, query.x, targets)
+        except EngineError as exc:
+            raise to_service_error(exc) from None
+        if not math.isfinite(loss):
+            raise FailedPrecondition(
+                "the loss is not finite for these rows; check the inputs' and targets' scale"
+            )
+        return wire.Evaluation(loss, accuracy, query.rows, params.step, query.version)
 
     def train_step(
         self,

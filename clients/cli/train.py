@@ -1,8 +1,8 @@
 """``propserve train``: a model trained on a local .npz or .csv file.
 
 Batches go to the server in order, an epoch at a time (cut where a ``--save-every`` save
-falls), with an optional held-out validation split whose loss and accuracy are computed
-here from predictions (until the server can evaluate).
+falls), with an optional held-out validation split whose loss and accuracy the server
+computes after each epoch (Evaluate), as it computes a training step's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from propserve.clients.cli import output
 from propserve.clients.cli.datafiles import UsageError, fit_to_model, load_training_data
 
 EXIT_OK = 0
-PREDICT_CHUNK = 4096
+EVALUATE_CHUNK = 4096
 
 
 def _batches(
@@ -31,36 +31,20 @@ def _batches(
     return [(x[order[i : i + size]], y[order[i : i + size]]) for i in range(0, len(order), size)]
 
 
-def evaluate(outputs: NDArray[Any], y: NDArray[Any], loss: str) -> tuple[float, float | None]:
-    """(loss, accuracy) of predicted outputs against targets, as the engine defines them
-    (mean reductions; accuracy None for mse). outputs are probabilities for the
-    cross-entropy losses."""
-    out = outputs.astype(np.float64)
-    # NOTE: probabilities can round to exactly 0 or 1; clip before the log.
-    eps = 1e-12
-    if loss == "softmax_cross_entropy":
-        p = np.clip(out, eps, 1.0)
-        if y.ndim == 1:
-            labels = y.astype(np.int64)
-            value = float(-np.log(p[np.arange(len(labels)), labels]).mean())
-            truth = labels
-        else:
-            value = float(-(y * np.log(p)).sum(axis=1).mean())
-            truth = y.argmax(axis=1)
-        return value, float(np.mean(out.argmax(axis=1) == truth))
-    if loss == "binary_cross_entropy":
-        p = np.clip(out, eps, 1.0 - eps)
-        value = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-        return value, float(np.mean((out > 0.5) == (y > 0.5)))
-    return float(((out - y) ** 2).mean()), None
-
-
-def _predict_all(client: Client, name: str, x: NDArray[Any]) -> NDArray[Any]:
+def _evaluate_all(
+    client: Client, name: str, x: NDArray[Any], y: NDArray[Any]
+) -> tuple[float, float | None]:
+    """The head's (loss, accuracy) on (x, y), by the server's Evaluate in chunks of rows;
+    the losses are means, so the chunks' combine weighted by their rows."""
     parts = [
-        client.predict(name, x[i : i + PREDICT_CHUNK]).outputs
-        for i in range(0, len(x), PREDICT_CHUNK)
+        client.evaluate(name, x[i : i + EVALUATE_CHUNK], y[i : i + EVALUATE_CHUNK])
+        for i in range(0, len(x), EVALUATE_CHUNK)
     ]
-    return np.concatenate(parts)
+    rows = sum(part.rows for part in parts)
+    loss = sum(part.loss * part.rows for part in parts) / rows
+    if any(part.accuracy is None for part in parts):
+        return loss, None
+    return loss, sum((part.accuracy or 0.0) * part.rows for part in parts) / rows
 
 
 def train(args: argparse.Namespace, client: Client) -> int:
@@ -112,8 +96,8 @@ def train(args: argparse.Namespace, client: Client) -> int:
             sys.stderr.write("\r\033[K")
         record = _epoch_record(epoch, results, elapsed)
         if n_val:
-            record["val_loss"], record["val_accuracy"] = evaluate(
-                _predict_all(client, args.name, x_val), y_val, str(spec.get("loss"))
+            record["val_loss"], record["val_accuracy"] = _evaluate_all(
+                client, args.name, x_val, y_val
             )
         epochs.append(record)
         print(_epoch_line(record, args.epochs), file=out, flush=True)

@@ -135,6 +135,34 @@ class PredictResponse(_message.Message):
     step: int
     def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
+class EvaluateRequest(_message.Message):
+    __slots__ = ("model", "version", "label", "inputs", "targets")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    label: str
+    inputs: Tensor
+    targets: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., label: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("loss", "accuracy", "rows", "step", "version")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    accuracy: float
+    rows: int
+    step: int
+    version: int
+    def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., rows: _Optional[int] = ..., step: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
 class TrainStepRequest(_message.Message):
     __slots__ = ("model", "inputs", "targets", "learning_rate")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class ModelServiceStub(object):
                 request_serializer=propserve_dot_v1_dot_model__service__pb2.UpdateModelRequest.SerializeToString,
                 response_deserializer=propserve_dot_v1_dot_model__service__pb2.Model.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/propserve.v1.ModelService/Evaluate',
+                request_serializer=propserve_dot_v1_dot_model__service__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=propserve_dot_v1_dot_model__service__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/propserve.v1.ModelService/Predict',
                 request_serializer=propserve_dot_v1_dot_model__service__pb2.PredictRequest.SerializeToString,
@@ -132,6 +137,14 @@ class ModelServiceServicer(object):
 
     def UpdateModel(self, request, context):
         """Update a model's settings (autosave interval, retention).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evaluate(self, request, context):
+        """The loss (and accuracy) on given rows of the head, a saved version or a label's version,
+        as a training step would compute it; changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,6 +232,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.UpdateModel,
                     request_deserializer=propserve_dot_v1_dot_model__service__pb2.UpdateModelRequest.FromString,
                     response_serializer=propserve_dot_v1_dot_model__service__pb2.Model.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=propserve_dot_v1_dot_model__service__pb2.EvaluateRequest.FromString,
+                    response_serializer=propserve_dot_v1_dot_model__service__pb2.EvaluateResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
@@ -396,6 +414,33 @@ class ModelService(object):
             '/propserve.v1.ModelService/UpdateModel',
             propserve_dot_v1_dot_model__service__pb2.UpdateModelRequest.SerializeToString,
             propserve_dot_v1_dot_model__service__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/propserve.v1.ModelService/Evaluate',
+            propserve_dot_v1_dot_model__service__pb2.EvaluateRequest.SerializeToString,
+            propserve_dot_v1_dot_model__service__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,10 @@ class ModelServiceStub:
     """Delete a model and every saved version of it."""
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.UpdateModelRequest, _model_service_pb2.Model]
     """Update a model's settings (autosave interval, retention)."""
+    Evaluate: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.EvaluateRequest, _model_service_pb2.EvaluateResponse]
+    """The loss (and accuracy) on given rows of the head, a saved version or a label's version,
+    as a training step would compute it; changes nothing.
+    """
     Predict: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.PredictRequest, _model_service_pb2.PredictResponse]
     """Forward pass: the live head, or a saved version, or the version a label names."""
     TrainStep: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.TrainStepRequest, _model_service_pb2.TrainStepResponse]
@@ -77,6 +81,10 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Delete a model and every saved version of it."""
     UpdateModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.UpdateModelRequest, _model_service_pb2.Model]  # type: ignore[assignment]
     """Update a model's settings (autosave interval, retention)."""
+    Evaluate: _aio.UnaryUnaryMultiCallable[_model_service_pb2.EvaluateRequest, _model_service_pb2.EvaluateResponse]  # type: ignore[assignment]
+    """The loss (and accuracy) on given rows of the head, a saved version or a label's version,
+    as a training step would compute it; changes nothing.
+    """
     Predict: _aio.UnaryUnaryMultiCallable[_model_service_pb2.PredictRequest, _model_service_pb2.PredictResponse]  # type: ignore[assignment]
     """Forward pass: the live head, or a saved version, or the version a label names."""
     TrainStep: _aio.UnaryUnaryMultiCallable[_model_service_pb2.TrainStepRequest, _model_service_pb2.TrainStepResponse]  # type: ignore[assignment]
@@ -132,6 +140,16 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_service_pb2.Model, _abc.Awaitable[_model_service_pb2.Model]]:
         """Update a model's settings (autosave interval, retention)."""
+
+    @_abc_1.abstractmethod
+    def Evaluate(
+        self,
+        request: _model_service_pb2.EvaluateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.EvaluateResponse, _abc.Awaitable[_model_service_pb2.EvaluateResponse]]:
+        """The loss (and accuracy) on given rows of the head, a saved version or a label's version,
+        as a training step would compute it; changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def Predict(

@@ -50,7 +50,9 @@ def settings_in(settings: pb.ModelSettings) -> dict[str, int]:
     return {name: getattr(settings, name) for name in wire.SETTINGS if settings.HasField(name)}
 
 
-def source_in(request: pb.PredictRequest | pb.RollbackRequest, oneof: str) -> dict[str, Any]:
+def source_in(
+    request: pb.PredictRequest | pb.EvaluateRequest | pb.RollbackRequest, oneof: str
+) -> dict[str, Any]:
     """The version or label a request names, as keyword arguments."""
     field = request.WhichOneof(oneof)
     return {} if field is None else {field: getattr(request, field)}
@@ -101,6 +103,16 @@ def step_out(result: wire.StepResult) -> pb.TrainStepResponse:
         accuracy=result.accuracy,
         batch_size=result.batch_size,
         saved_version=result.saved_version,
+    )
+
+
+def evaluation_out(result: wire.Evaluation) -> pb.EvaluateResponse:
+    return pb.EvaluateResponse(
+        loss=result.loss,
+        accuracy=result.accuracy,
+        rows=result.rows,
+        step=result.step,
+        version=result.version,
     )
 
 

@@ -128,6 +128,14 @@ class ModelService(pb_grpc.ModelServiceServicer):
         source = convert.source_in(request, "source")
         return convert.prediction_out(await self.plane.predict(request.model, inputs, **source))
 
+    @unary("Evaluate")
+    async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
+        inputs = convert.tensor_in(request.inputs, "inputs", self.plane.max_elements)
+        targets = convert.tensor_in(request.targets, "targets", self.plane.max_elements)
+        source = convert.source_in(request, "source")
+        result = await self.plane.evaluate(request.model, inputs, targets, **source)
+        return convert.evaluation_out(result)
+
     @unary("TrainStep")
     async def TrainStep(
         self, request: pb.TrainStepRequest, context: Context

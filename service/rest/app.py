@@ -231,6 +231,17 @@ def create_app(
         return await plane.train_step(name, inputs, targets, learning_rate=lr)
 
     @v1.post(
+        "/models/{name}/evaluate",
+        response_model=wire.Evaluation,
+        operation_id="Evaluate",
+        openapi_extra=_body_schema("EvaluateBody"),
+    )
+    async def evaluate(name: NameParam, request: Request) -> wire.Evaluation:
+        raw = await read_body(request.receive)
+        inputs, targets, version, label = bodies.evaluate_request(raw, plane.max_elements)
+        return await plane.evaluate(name, inputs, targets, version=version, label=label)
+
+    @v1.post(
         "/models/{name}/versions",
         status_code=201,
         response_model=wire.Version,
@@ -362,7 +373,12 @@ def _declare_predict(app: FastAPI) -> None:
             return app.openapi_schema
         schema = default_openapi()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (schemas.PredictBody, schemas.PredictOut, schemas.TrainStepBody):
+        for model in (
+            schemas.PredictBody,
+            schemas.PredictOut,
+            schemas.TrainStepBody,
+            schemas.EvaluateBody,
+        ):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, definition in model_schema.pop("$defs", {}).items():
                 components.setdefault(name, definition)

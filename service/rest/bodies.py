@@ -111,6 +111,21 @@ def train_step_request(
     return inputs, targets, None if lr is None else float(lr)
 
 
+def evaluate_request(
+    raw: bytes, max_elements: int
+) -> tuple[NDArray[Any], NDArray[Any], int | None, str | None]:
+    """(inputs, targets, version, label) of an evaluate body."""
+    body = json_object(raw, matrix="inputs")
+    _only(body, {"inputs", "targets", "version", "label"}, {"inputs", "targets"})
+    version, label = body.get("version"), body.get("label")
+    problem = wire.source_problem(version, label)
+    if problem:
+        raise InvalidArgument(problem)
+    inputs = tensor(body["inputs"], "inputs", max_elements, "float64")
+    targets = tensor(body["targets"], "targets", max_elements)
+    return inputs, targets, version, label
+
+
 #: dtype.name is rebuilt by numpy on each call; these are the ones answered.
 _DTYPE_NAMES = {np.dtype(name): name for name in ("float32", "float64")}
 

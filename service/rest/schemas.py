@@ -294,6 +294,15 @@ class TrainStepBody(Body):
     )
 
 
+class EvaluateBody(Body):
+    model_config = ConfigDict(json_schema_extra=_NOT_BOTH)
+
+    inputs: Inputs
+    targets: Targets
+    version: VersionNumber | Absent = _optional("A saved version (default: the head).")
+    label: Name | Absent = _optional("A label naming a saved version.")
+
+
 class LabelBody(Body):
     version: VersionNumber
 

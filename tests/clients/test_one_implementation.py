@@ -38,6 +38,7 @@ OPERATIONS = {
     "delete_model",
     "update_model",
     "predict",
+    "evaluate",
     "train_step",
     "train",
     "save_version",

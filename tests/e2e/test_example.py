@@ -38,10 +38,13 @@ def test_example_trains_saves_labels_and_reaches_accuracy(server: ServerProcess)
     assert lines[0] == "created model ex: 64-128-10, 9,610 parameters"
     # 1437 training rows in batches of 32: 45 steps per epoch, streamed over gRPC.
     assert lines[1] == "saved version 1 at step 135, labelled stable"
-    found = re.fullmatch(r"test accuracy (\d\.\d{4}) on 360 held-out digits .*", lines[2])
+    assert re.fullmatch(r"predicted \[\d, \d, \d\], true \[\d, \d, \d\]", lines[2])
+    found = re.fullmatch(
+        r"test accuracy (\d\.\d{4}), loss (\d+\.\d{4}) on 360 held-out digits .*", lines[3]
+    )
     assert found, result.stdout
-    accuracy = float(found.group(1))
-    assert 0.85 <= accuracy <= 1.0
+    accuracy, loss = float(found.group(1)), float(found.group(2))
+    assert 0.85 <= accuracy <= 1.0 and loss > 0
     # The progress display redraws in place ("\r") and ends one line per epoch on stderr.
     finals = [line.rsplit("\r", 1)[-1] for line in result.stderr.strip().split("\n")]
     assert [line.split()[:3] for line in finals] == [

@@ -61,7 +61,7 @@ MUTATING = {
     "RemoveLabel": "model",
     "Rollback": "model",
 }
-READING = {"GetModel", "ListModels", "ListVersions", "Predict"}
+READING = {"GetModel", "ListModels", "ListVersions", "Predict", "Evaluate"}
 
 #: Scratch models (restored before each test), each with a version its label LABEL names.
 MODELS: dict[str, dict[str, Any]] = {

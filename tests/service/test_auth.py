@@ -20,6 +20,7 @@ OPERATIONS = {
         "ListModels",
         "ListVersions",
         "Predict",
+        "Evaluate",
         "ModelInfer",
         "RepositoryIndex",
     ],
