@@ -21,6 +21,7 @@ OPERATIONS = {
     "UpdateModel": ("patch", "/v1/models/{name}"),
     "DeleteModel": ("delete", "/v1/models/{name}"),
     "Predict": ("post", "/v1/models/{name}/predict"),
+    "Evaluate": ("post", "/v1/models/{name}/evaluate"),
     "TrainStep": ("post", "/v1/models/{name}/train_step"),
     "SaveVersion": ("post", "/v1/models/{name}/versions"),
     "ListVersions": ("get", "/v1/models/{name}/versions"),
@@ -80,7 +81,8 @@ def test_every_operation_is_listed(openapi: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("operation", "schema"), [("Predict", "PredictBody"), ("TrainStep", "TrainStepBody")]
+    ("operation", "schema"),
+    [("Predict", "PredictBody"), ("TrainStep", "TrainStepBody"), ("Evaluate", "EvaluateBody")],
 )
 def test_tensor_bodies_are_documented(openapi: dict[str, Any], operation: str, schema: str) -> None:
     _, _, spec = operations(openapi)[operation]
