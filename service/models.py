@@ -174,7 +174,7 @@ def to_service_error(exc: EngineError, what: str = "") -> Exception:
     return InvalidArgument(f"{prefix}{exc}")
 
 
-def _last_loss(metrics: Mapping[str, float]) -> float | None:
+def last_loss(metrics: Mapping[str, float]) -> float | None:
     # Versions saved before "last_loss" was named recorded the same value as "loss".
     return metrics.get("last_loss", metrics.get("loss"))
 
@@ -592,7 +592,7 @@ class Models:
             model.unsaved = 0
             model.unsaved_loss_sum = 0.0
             model.detached = meta.version != model.latest
-            model.last_loss = _last_loss(meta.metrics)
+            model.last_loss = last_loss(meta.metrics)
         self.metrics.step.labels(name).set(network.step)
         log.info(
             "model.rolled_back",
@@ -656,7 +656,7 @@ class Models:
         else:
             _, data = self.store.load_version(record.name, latest.version)
             network = Network.from_bytes(data, max_params=max_params)
-            parent, loss = latest.version, _last_loss(latest.metrics)
+            parent, loss = latest.version, last_loss(latest.metrics)
         self.metrics.step.labels(record.name).set(network.step)
         self.metrics.versions.labels(record.name).set(len(self.store.list_versions(record.name)))
         log.info(

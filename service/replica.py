@@ -29,7 +29,7 @@ from propserve.engine import ModelSpec, Params
 from propserve.service.config import Settings
 from propserve.service.errors import DataLoss, FailedPrecondition, NotFound
 from propserve.service.metrics import Metrics
-from propserve.service.models import SERVING_LABEL, LiveModel, Models
+from propserve.service.models import SERVING_LABEL, LiveModel, Models, last_loss
 from propserve.service.store import ModelRecord, ModelStore
 
 log = logging.getLogger("propserve.replica")
@@ -167,7 +167,7 @@ class ReplicaModels(Models):
             if latest is not None and latest.version in pinned:
                 model.latest = model.parent = latest.version
                 model.served_step = latest.step
-            model.last_loss = None if latest is None else _loss(latest.metrics)
+            model.last_loss = None if latest is None else last_loss(latest.metrics)
         if moved and not initial:
             self._observe_lag(self.store.changed_at(name))
         # Versions retention removed leave the cache too.
@@ -200,10 +200,6 @@ class ReplicaModels(Models):
 
 def _with_labels(record: ModelRecord, labels: dict[str, int]) -> ModelRecord:
     return record if labels == record.labels else dataclasses.replace(record, labels=labels)
-
-
-def _loss(metrics: dict[str, float]) -> float | None:
-    return metrics.get("last_loss", metrics.get("loss"))
 
 
 class Follower:

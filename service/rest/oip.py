@@ -290,16 +290,13 @@ def _input(tensor: Any, binary: bytes, max_elements: int) -> tuple[NDArray[Any],
             raise InvalidArgument(
                 f"data holds {values.size} numbers; shape {shape} needs {math.prod(dims)}"
             )
-        if dtype == "float32" and values.size and float(np.abs(values).max()) > _FLOAT32_MAX:
-            raise InvalidArgument("data holds a number beyond FP32's range")
-        return values.astype(wire.DTYPES[dtype], copy=False).reshape(dims), 0
+        # JSON numbers stay float64 (exact as written); the core casts them to the model's
+        # dtype and refuses a value beyond it, as for /v1's JSON.
+        return values.reshape(dims), 0
     except PropserveError as exc:
         if f"input {name!r}" in exc.message:
             raise
         raise type(exc)(f"input {name!r}: {exc.message}") from None
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _numbers(data: list[Any], max_elements: int) -> jsonnumbers.Numbers:
