@@ -23,7 +23,7 @@ from propserve.service import errors
 from propserve.service.calls import Call
 from propserve.service.dataplane import DataPlane
 from propserve.service.metrics import Metrics
-from propserve.service.rest import bodies, oip, schemas
+from propserve.service.rest import bodies, oip, schemas, ui
 from propserve.service.rest.admission import Admission
 from propserve.service.rest.errors import JSON, error_answer, error_body
 from propserve.service.rest.predict import PredictEndpoint, header, read_body
@@ -299,6 +299,7 @@ def create_app(
     app.include_router(v1)
     app.include_router(oip.router(plane, ready=ready, version=version))
     app.include_router(ops)
+    app.include_router(ui.router)
     app.add_exception_handler(errors.PropserveError, _failed)  # type: ignore[arg-type]
 
     @app.exception_handler(Exception)
