@@ -1,7 +1,8 @@
 """propserve's engine: multi-layer perceptrons in pure NumPy.
 
 Forward propagation to predict, backward propagation to learn, optimizers with torch.optim's
-semantics, and state as safetensors bytes. No I/O, no threads of its own.
+semantics, state as safetensors bytes, weights in propserve's or torch's layout, and
+ONNX export. No I/O, no threads of its own.
 
     spec = ModelSpec.from_dict({"input_dim": 64, "layers": [{"units": 64, "activation": "relu"},
                                 {"units": 10}], "loss": "softmax_cross_entropy",
@@ -14,13 +15,17 @@ semantics, and state as safetensors bytes. No I/O, no threads of its own.
 from propserve.engine.errors import DivergedError, EngineError, InputError, SpecError, StateError
 from propserve.engine.inputs import all_finite, check_inputs, check_targets
 from propserve.engine.network import CheckedBatch, Network, Params, TrainResult, evaluate, forward
+from propserve.engine.onnxgraph import ONNX_OPSET, to_onnx
 from propserve.engine.serialization import dump_network, load_network
 from propserve.engine.spec import DEFAULT_MAX_PARAMS, LayerSpec, ModelSpec, OptimizerSpec
+from propserve.engine.weights import LAYOUTS, export_weights, import_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_PARAMS",
+    "LAYOUTS",
+    "ONNX_OPSET",
     "CheckedBatch",
     "DivergedError",
     "EngineError",
@@ -39,6 +44,9 @@ __all__ = [
     "check_targets",
     "dump_network",
     "evaluate",
+    "export_weights",
     "forward",
+    "import_weights",
     "load_network",
+    "to_onnx",
 ]
