@@ -11,6 +11,8 @@ with a dot, which no valid name can)::
     <root>/<model>/model.json                 spec, settings, labels (replaced atomically)
     <root>/<model>/versions/<n>/meta.json     step, created_at, parent, metrics, sha256
     <root>/<model>/versions/<n>/weights.safetensors   the state bytes, opaque here
+    <root>/<model>/history/<n>.seg            training history, immutable segments
+                                              (format and lineage: store/history.py)
 
 Guarantees:
 - A version becomes visible by one rename of a complete, fsync'ed folder, and vanishes
@@ -49,7 +51,9 @@ from propserve.service.errors import (
     InvalidArgument,
     NotFound,
 )
+from propserve.service.history import DEFAULT_LIMIT, History
 from propserve.service.store import durable
+from propserve.service.store import history as history_files
 from propserve.service.store.records import (
     DEFAULT_MAX_METADATA_BYTES,
     DEFAULT_SETTINGS,
@@ -78,6 +82,7 @@ MODEL_FILE = "model.json"
 VERSIONS_DIR = "versions"
 META_FILE = "meta.json"
 WEIGHTS_FILE = "weights.safetensors"
+HISTORY_DIR = history_files.HISTORY_DIR
 
 _MAX_CACHED_VERDICTS = 65_536
 _FileIdentity = tuple[int, int, int, int, int]
@@ -272,8 +277,9 @@ class ModelStore:
             return record
 
     def delete_model(self, name: str) -> None:
-        """Remove model `name` and all its versions. Its version high-water mark stays
-        behind (a tombstone) so that a new model of the same name never reuses a number."""
+        """Remove model `name`, its versions and its history (one rename of its folder).
+        Its version high-water mark stays behind (a tombstone) so that a new model of the
+        same name never reuses a number."""
         self._check_writable()
         name = check_name(name)
         with self._mutex:
@@ -450,6 +456,44 @@ class ModelStore:
             return os.stat(self._root / check_name(name) / MODEL_FILE).st_mtime
         except OSError:
             return None
+
+    # --- training history -------------------------------------------------------------
+
+    def append_history(self, name: str, history: History) -> int:
+        """Persist the records (and any rewind) of `history` not persisted yet as one new
+        segment, then compact the model's history if due; returns the records written.
+        Called under the model's lock, so that nothing records meanwhile."""
+        self._check_writable()
+        name = check_name(name)
+        with self._mutex:
+            self._check_open()
+            self._read_model_doc(name)  # NotFound for a deleted model
+            try:
+                return history_files.append(self._root / name / HISTORY_DIR, self._staging, history)
+            except OSError as exc:
+                if durable.is_out_of_space(exc):
+                    raise durable.out_of_space(exc, f"saving the history of {name!r}") from exc
+                raise
+
+    def read_history(self, name: str, *, limit: int = DEFAULT_LIMIT) -> History:
+        """The model's persisted history (its last `limit` records), all marked saved.
+        Writes nothing; corrupt segments are logged and skipped."""
+        self._check_open()
+        name = check_name(name)
+        self._read_model(name)
+        return history_files.read(self._root / name / HISTORY_DIR, limit, f"model {name!r}")
+
+    def compact_history(self, name: str, *, limit: int = DEFAULT_LIMIT) -> bool:
+        """Rewrite the model's history as one segment of its last `limit` records (appends
+        compact on their own when due); whether there was anything to rewrite."""
+        self._check_writable()
+        name = check_name(name)
+        with self._mutex:
+            self._check_open()
+            self._read_model_doc(name)
+            return history_files.compact(
+                self._root / name / HISTORY_DIR, self._staging, limit, force=True
+            )
 
     # --- labels -----------------------------------------------------------------------
 
