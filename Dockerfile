@@ -23,7 +23,7 @@ COPY service ./service
 COPY clients ./clients
 COPY propserve ./propserve
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-compile '.[server]' \
+    && /opt/venv/bin/pip install --no-compile '.[server,onnx]' \
     && rm -rf /src/build /src/*.egg-info
 
 RUN groupadd --system --gid 10001 propserve \

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,6 +104,64 @@ def settings(retain: Any, autosave_every: Any) -> dict[str, int]:
     if problem:
         raise InvalidArgument(problem)
     return chosen
+
+
+def weights(value: Any) -> bytes | None:
+    """A weights file's bytes: bytes-like, or a path (str or os.PathLike) to read."""
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    elif isinstance(value, str | os.PathLike):
+        try:
+            data = Path(value).read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read weights file {value}: {exc.strerror}") from None
+    else:
+        raise InvalidArgument(f"weights must be bytes or a file path, got {type(value).__name__}")
+    if not data:
+        raise InvalidArgument("the weights are empty")
+    return data
+
+
+def layout(value: Any) -> str:
+    if value not in wire.WEIGHT_LAYOUTS:
+        raise InvalidArgument(
+            f"layout must be one of {', '.join(wire.WEIGHT_LAYOUTS)}, got {value!r:.40}"
+        )
+    return str(value)
+
+
+def export(layout: Any, format: Any) -> tuple[str, str]:
+    problem = wire.export_problem(layout, format)
+    if problem:
+        raise InvalidArgument(problem)
+    return str(layout), str(format)
+
+
+def history_range(
+    since: Any, until: Any, every: Any, limit: Any
+) -> tuple[int | None, int | None, int, int | None]:
+    """(since, until, every, limit) of a history request: steps >= 0, every >= 1, a limit
+    from 1 to wire.MAX_HISTORY_POINTS (None: the server's most)."""
+    checked = []
+    for what, given, low in (("since", since, 0), ("until", until, 0), ("every", every, 1)):
+        value = _plain_int(given)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**63
+        ):
+            raise InvalidArgument(f"{what} must be an integer >= {low}, got {value!r:.40}")
+        checked.append(value)
+    limit = _plain_int(limit)
+    if limit is not None and (
+        isinstance(limit, bool)
+        or not isinstance(limit, int)
+        or not 1 <= limit <= wire.MAX_HISTORY_POINTS
+    ):
+        raise InvalidArgument(
+            f"limit must be an integer from 1 to {wire.MAX_HISTORY_POINTS}, got {limit!r:.40}"
+        )
+    return checked[0], checked[1], checked[2] or 1, limit
 
 
 def learning_rate(value: Any) -> float | None:

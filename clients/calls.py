@@ -19,7 +19,15 @@ from numpy.typing import NDArray
 from propserve.clients import arguments
 from propserve.clients._progress import Progress
 from propserve.clients.errors import ClientError, InvalidArgument
-from propserve.clients.types import Evaluation, Model, Prediction, StepResult, Version
+from propserve.clients.types import (
+    Evaluation,
+    History,
+    Model,
+    Prediction,
+    StepResult,
+    Version,
+    WeightsFile,
+)
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -41,7 +49,12 @@ class Codec(Protocol):
     checked (tensors as wire arrays)."""
 
     def create_model(
-        self, name: str, spec: dict[str, Any], settings: dict[str, int]
+        self,
+        name: str,
+        spec: dict[str, Any],
+        settings: dict[str, int],
+        weights: bytes | None,
+        layout: str,
     ) -> Call[Model]: ...
     def get_model(self, name: str) -> Call[Model]: ...
     def list_models(self) -> Call[list[Model]]: ...
@@ -70,6 +83,12 @@ class Codec(Protocol):
     def set_label(self, name: str, label: str, version: int) -> Call[Model]: ...
     def remove_label(self, name: str, label: str) -> Call[Model]: ...
     def rollback(self, name: str, version: int | None, label: str | None) -> Call[Model]: ...
+    def export_weights(
+        self, name: str, version: int, layout: str, format: str
+    ) -> Call[WeightsFile]: ...
+    def history(
+        self, name: str, since: int | None, until: int | None, every: int, limit: int | None
+    ) -> Call[History]: ...
 
 
 def _retried(call: Call[T]) -> Call[T]:
@@ -84,11 +103,19 @@ class Calls:
         self.codec = codec
 
     def create_model(
-        self, name: str, spec: dict[str, Any], retain: Any, autosave_every: Any
+        self,
+        name: str,
+        spec: dict[str, Any],
+        retain: Any,
+        autosave_every: Any,
+        weights: Any = None,
+        layout: Any = "propserve",
     ) -> Call[Model]:
         if not isinstance(spec, dict):
             raise InvalidArgument(f"spec must be a dict, got {type(spec).__name__}")
-        return self.codec.create_model(name, spec, arguments.settings(retain, autosave_every))
+        settings = arguments.settings(retain, autosave_every)
+        layout = arguments.layout(layout)
+        return self.codec.create_model(name, spec, settings, arguments.weights(weights), layout)
 
     def get_model(self, name: str) -> Call[Model]:
         return _retried(self.codec.get_model(name))
@@ -139,6 +166,17 @@ class Calls:
         if version is None and label is None:
             raise InvalidArgument("rollback needs a version or a label")
         return self.codec.rollback(name, *arguments.source(version, label))
+
+    def export_weights(
+        self, name: str, version: Any, layout: Any, format: Any
+    ) -> Call[WeightsFile]:
+        number = arguments.version(version)
+        return _retried(self.codec.export_weights(name, number, *arguments.export(layout, format)))
+
+    def history(self, name: str, since: Any, until: Any, every: Any, limit: Any) -> Call[History]:
+        return _retried(
+            self.codec.history(name, *arguments.history_range(since, until, every, limit))
+        )
 
 
 #: A server's own note of the failing batch in a Train stream ("batch 3: ..."); the clients

@@ -28,13 +28,25 @@ from collections.abc import (
     Iterator,
 )
 from contextlib import aclosing, closing
+from os import PathLike
 from typing import Any, Self, TypeVar
 
 from propserve.clients._progress import Progress
 from propserve.clients._retry import NO_RETRY, RetryPolicy
 from propserve.clients.calls import Call, Calls, Codec, TrainRun
 from propserve.clients.errors import ClientError
-from propserve.clients.types import Evaluation, Model, Prediction, StepResult, Version
+from propserve.clients.types import (
+    Evaluation,
+    History,
+    Model,
+    Prediction,
+    StepResult,
+    Version,
+    WeightsFile,
+)
+
+#: Weights: the bytes of a safetensors file, or a path to one.
+Weights = bytes | bytearray | memoryview | str | PathLike[str]
 
 T = TypeVar("T")
 
@@ -90,10 +102,15 @@ class Client(BaseClient, ABC):
         *,
         retain: int | None = None,
         autosave_every: int | None = None,
+        weights: Weights | None = None,
+        layout: str = "propserve",
     ) -> Model:
         """Create model ``name`` from ``spec``; ``retain`` and ``autosave_every`` default to
-        the server's."""
-        return self._call(self._calls.create_model(name, spec, retain, autosave_every))
+        the server's. With ``weights`` (a safetensors file's bytes or path, named and shaped
+        per ``layout``: "propserve" or "torch", see docs/weights.md) the head starts from
+        them and is saved as version 1."""
+        call = self._calls.create_model(name, spec, retain, autosave_every, weights, layout)
+        return self._call(call)
 
     def get_model(self, name: str) -> Model:
         return self._call(self._calls.get_model(name))
@@ -186,6 +203,29 @@ class Client(BaseClient, ABC):
         """Reset the head to a saved version (one of ``version`` or ``label``)."""
         return self._call(self._calls.rollback(name, version, label))
 
+    def export_weights(
+        self, name: str, version: int, *, layout: str = "propserve", format: str = "safetensors"
+    ) -> WeightsFile:
+        """Saved ``version`` as a file: safetensors in ``layout`` ("propserve" or "torch"), or
+        ``format="onnx"``; ``.sha256`` is the stored version's (docs/weights.md)."""
+        return self._call(self._calls.export_weights(name, version, layout, format))
+
+    # -- training history ----------------------------------------------------------------
+
+    def history(
+        self,
+        name: str,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        every: int = 1,
+        limit: int | None = None,
+    ) -> History:
+        """The head's training history from step ``since`` to ``until`` (both included),
+        one point per step or per bucket of ``every`` steps, at most ``limit`` points
+        (``.next_since`` continues)."""
+        return self._call(self._calls.history(name, since, until, every, limit))
+
 
 class AsyncClient(BaseClient, ABC):
     """An asyncio client: AsyncGrpcClient and AsyncRestClient. The same methods as
@@ -216,8 +256,11 @@ class AsyncClient(BaseClient, ABC):
         *,
         retain: int | None = None,
         autosave_every: int | None = None,
+        weights: Weights | None = None,
+        layout: str = "propserve",
     ) -> Model:
-        return await self._call(self._calls.create_model(name, spec, retain, autosave_every))
+        call = self._calls.create_model(name, spec, retain, autosave_every, weights, layout)
+        return await self._call(call)
 
     async def get_model(self, name: str) -> Model:
         return await self._call(self._calls.get_model(name))
@@ -290,3 +333,19 @@ class AsyncClient(BaseClient, ABC):
         self, name: str, *, version: int | None = None, label: str | None = None
     ) -> Model:
         return await self._call(self._calls.rollback(name, version, label))
+
+    async def export_weights(
+        self, name: str, version: int, *, layout: str = "propserve", format: str = "safetensors"
+    ) -> WeightsFile:
+        return await self._call(self._calls.export_weights(name, version, layout, format))
+
+    async def history(
+        self,
+        name: str,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        every: int = 1,
+        limit: int | None = None,
+    ) -> History:
+        return await self._call(self._calls.history(name, since, until, every, limit))

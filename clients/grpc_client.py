@@ -20,12 +20,21 @@ import numpy as np
 from numpy.typing import NDArray
 
 from propserve import wire
-from propserve.clients import errors
+from propserve.clients import arguments, errors
 from propserve.clients._retry import RetryPolicy
 from propserve.clients.arguments import DTYPE_NAMES, to_json
 from propserve.clients.calls import Call
 from propserve.clients.client import AsyncClient, Client
-from propserve.clients.types import Evaluation, Model, Prediction, StepResult, Version
+from propserve.clients.types import (
+    Evaluation,
+    History,
+    HistoryPoint,
+    Model,
+    Prediction,
+    StepResult,
+    Version,
+    WeightsFile,
+)
 from propserve.v1 import model_service_pb2 as pb
 from propserve.v1 import model_service_pb2_grpc as pb_grpc
 
@@ -91,10 +100,18 @@ def _milliseconds(value: str | None) -> float | None:
 
 @dataclass(frozen=True)
 class GrpcRequest:
-    """A unary call of ModelService: its method's name and the request message."""
+    """A call of ModelService: its method's name and the request message; a method that
+    takes a stream gets a list of messages, and one that answers with a stream is read
+    whole (``streamed``): a list of its replies."""
 
     method: str
     message: Any
+    streamed: bool = False
+
+
+#: Weights up to this size go in CreateModel's one message; larger ones in UploadModel's
+#: chunks of this size, below any server's message limit.
+UPLOAD_CHUNK = 1 << 20
 
 
 def encode_tensor(array: NDArray[Any]) -> pb.Tensor:
@@ -188,6 +205,34 @@ _read_model = _reading(model_from)
 _read_step = _reading(step_from)
 
 
+def weights_from(chunks: list[pb.WeightsChunk]) -> WeightsFile:
+    if not chunks or not chunks[0].HasField("info"):
+        raise ValueError("the export's first message lacks its info")
+    info = chunks[0].info
+    data = b"".join(chunk.data for chunk in chunks)
+    if len(data) != info.size_bytes:
+        raise ValueError(f"the export sent {len(data)} of {info.size_bytes} bytes")
+    return WeightsFile(
+        info.model, info.version, info.step, info.format, info.layout, info.sha256, data
+    )
+
+
+def point_from(message: pb.HistoryPoint) -> HistoryPoint:
+    return HistoryPoint(
+        message.step,
+        message.loss,
+        _optional(message, "accuracy"),
+        message.learning_rate,
+        message.rows,
+        message.time,
+    )
+
+
+def history_from(message: pb.History) -> History:
+    points = tuple(point_from(p) for p in message.points)
+    return History(message.model, points, _optional(message, "next_since"))
+
+
 def _settings(settings: dict[str, int]) -> pb.ModelSettings:
     return pb.ModelSettings(**settings)
 
@@ -196,11 +241,26 @@ class GrpcCodec:
     """ModelService's messages for each operation, and how to read its replies."""
 
     def create_model(
-        self, name: str, spec: dict[str, Any], settings: dict[str, int]
+        self,
+        name: str,
+        spec: dict[str, Any],
+        settings: dict[str, int],
+        weights: bytes | None,
+        layout: str,
     ) -> Call[Model]:
         message = pb.CreateModelRequest(
             name=name, spec_json=to_json(spec, "the spec"), settings=_settings(settings)
         )
+        if weights is not None:
+            message.layout = layout
+            if len(weights) > UPLOAD_CHUNK:
+                chunks = [
+                    pb.UploadModelRequest(chunk=weights[start : start + UPLOAD_CHUNK])
+                    for start in range(0, len(weights), UPLOAD_CHUNK)
+                ]
+                messages = [pb.UploadModelRequest(model=message), *chunks]
+                return Call(GrpcRequest("UploadModel", messages), _read_model)
+            message.weights = weights
         return Call(GrpcRequest("CreateModel", message), _read_model)
 
     def get_model(self, name: str) -> Call[Model]:
@@ -287,6 +347,20 @@ class GrpcCodec:
         )
         return Call(GrpcRequest("Rollback", message), _read_model)
 
+    def export_weights(
+        self, name: str, version: int, layout: str, format: str
+    ) -> Call[WeightsFile]:
+        message = pb.ExportWeightsRequest(model=name, version=version, layout=layout, format=format)
+        return Call(GrpcRequest("ExportWeights", message, streamed=True), _reading(weights_from))
+
+    def history(
+        self, name: str, since: int | None, until: int | None, every: int, limit: int | None
+    ) -> Call[History]:
+        message = pb.GetHistoryRequest(
+            model=name, since=since, until=until, every=every, limit=limit or 0
+        )
+        return Call(GrpcRequest("GetHistory", message), _reading(history_from))
+
 
 # -- the two flavours' I/O -----------------------------------------------------------------
 
@@ -367,10 +441,27 @@ class GrpcClient(Client):
 
     def _send(self, request: GrpcRequest) -> Any:
         rpc = getattr(self._stub, request.method)
+        message = iter(request.message) if isinstance(request.message, list) else request.message
         try:
-            return rpc(request.message, timeout=self.timeout, metadata=self._metadata)
+            reply = rpc(message, timeout=self.timeout, metadata=self._metadata)
+            return list(reply) if request.streamed else reply
         except grpc.RpcError as exc:
             raise translate(exc) from None
+
+    def watch_history(self, name: str, *, since: int | None = None) -> Iterator[HistoryPoint]:
+        """Each new training step of model ``name`` as it is trained (from step ``since``,
+        if given, including those already recorded), until the caller stops reading."""
+        request = pb.WatchHistoryRequest(
+            model=name, since=arguments.history_range(since, None, None, None)[0]
+        )
+        call = self._stub.WatchHistory(request, metadata=self._metadata)
+        try:
+            for reply in call:
+                yield from history_from(reply).points
+        except grpc.RpcError as exc:
+            raise translate(exc) from None
+        finally:
+            call.cancel()
 
     def _stream(self, requests: Iterator[GrpcRequest]) -> Generator[Any, None, None]:
         call = self._stub.Train((request.message for request in requests), metadata=self._metadata)
@@ -419,10 +510,33 @@ class AsyncGrpcClient(AsyncClient):
 
     async def _send(self, request: GrpcRequest) -> Any:
         rpc = getattr(self._stub, request.method)
+        message = iter(request.message) if isinstance(request.message, list) else request.message
         try:
-            return await rpc(request.message, timeout=self.timeout, metadata=self._metadata)
+            if request.streamed:
+                return [
+                    reply
+                    async for reply in rpc(message, timeout=self.timeout, metadata=self._metadata)
+                ]
+            return await rpc(message, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise translate(exc) from None
+
+    async def watch_history(
+        self, name: str, *, since: int | None = None
+    ) -> AsyncIterator[HistoryPoint]:
+        """:meth:`GrpcClient.watch_history`, for asyncio."""
+        request = pb.WatchHistoryRequest(
+            model=name, since=arguments.history_range(since, None, None, None)[0]
+        )
+        call = self._stub.WatchHistory(request, metadata=self._metadata)
+        try:
+            async for reply in call:
+                for point in history_from(reply).points:
+                    yield point
+        except grpc.RpcError as exc:
+            raise translate(exc) from None
+        finally:
+            call.cancel()
 
     async def _stream(self, requests: AsyncIterator[GrpcRequest]) -> AsyncGenerator[Any, None]:
         async def messages() -> AsyncIterator[Any]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import secrets
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 import numpy as np
@@ -28,7 +29,16 @@ from propserve.clients._retry import RetryPolicy
 from propserve.clients.arguments import DTYPE_NAMES, to_json
 from propserve.clients.calls import Call
 from propserve.clients.client import AsyncClient, Client
-from propserve.clients.types import Evaluation, Model, Prediction, StepResult, Version
+from propserve.clients.types import (
+    Evaluation,
+    History,
+    HistoryPoint,
+    Model,
+    Prediction,
+    StepResult,
+    Version,
+    WeightsFile,
+)
 
 T = TypeVar("T")
 
@@ -86,11 +96,13 @@ TENSOR_ENCODINGS = ("base64", "json")
 
 @dataclass(frozen=True)
 class RestRequest:
-    """An HTTP request: method, path under the base URL, and JSON body."""
+    """An HTTP request: method, path under the base URL, and body (JSON unless
+    ``content_type`` says otherwise)."""
 
     method: str
     path: str
-    body: str | None = None
+    body: str | bytes | None = None
+    content_type: str | None = None
 
 
 def tensor_json(array: NDArray[Any], encoding: str) -> dict[str, Any]:
@@ -159,6 +171,47 @@ _read_model = _reading(model_from)
 _read_step = _reading(step_from)
 
 
+def history_from(data: dict[str, Any]) -> History:
+    points = tuple(HistoryPoint(**_fields(HistoryPoint, p)) for p in data["points"])
+    return History(data["model"], points, data["next_since"])
+
+
+def _weights_reader(
+    name: str, version: int, layout: str, format: str
+) -> Callable[[httpx.Response], WeightsFile]:
+    """A reader of an export's answer: the file, with the step and sha256 its headers give."""
+
+    def read(response: httpx.Response) -> WeightsFile:
+        headers = response.headers
+        try:
+            step, sha256 = int(headers["x-version-step"]), headers["x-version-sha256"]
+        except (ValueError, KeyError) as exc:
+            raise errors.ClientError(
+                f"the server's answer could not be read: {exc!r}",
+                status=response.status_code,
+                request_id=headers.get(wire.REQUEST_ID_KEY),
+            ) from None
+        return WeightsFile(name, version, step, format, layout, sha256, response.content)
+
+    return read
+
+
+def multipart(parts: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body of (name, content type, bytes) parts, and its content
+    type; a part whose type is not JSON is sent as a file."""
+    boundary = f"propserve-{secrets.token_hex(16)}"
+    chunks = []
+    for name, kind, data in parts:
+        filename = "" if kind == "application/json" else f'; filename="{name}"'
+        chunks.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{filename}\r\n'
+            f"Content-Type: {kind}\r\n\r\n".encode()
+        )
+        chunks.extend((data, b"\r\n"))
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
 def _segment(value: str) -> str:
     """A path segment, percent-encoded so that no name can change the path."""
     return quote(str(value), safe="")
@@ -176,10 +229,22 @@ class RestCodec:
         self.tensor_encoding = tensor_encoding
 
     def create_model(
-        self, name: str, spec: dict[str, Any], settings: dict[str, int]
+        self,
+        name: str,
+        spec: dict[str, Any],
+        settings: dict[str, int],
+        weights: bytes | None,
+        layout: str,
     ) -> Call[Model]:
-        body = to_json({"name": name, "spec": spec, "settings": settings})
-        return Call(RestRequest("POST", "/v1/models", body), _read_model)
+        fields: dict[str, Any] = {"name": name, "spec": spec, "settings": settings}
+        if weights is None:
+            return Call(RestRequest("POST", "/v1/models", to_json(fields)), _read_model)
+        # The weights travel as a file part: base64 in JSON would add a third.
+        model = to_json(fields | {"layout": layout}).encode()
+        body, kind = multipart(
+            [("model", "application/json", model), ("weights", "application/octet-stream", weights)]
+        )
+        return Call(RestRequest("POST", "/v1/models", body, kind), _read_model)
 
     def get_model(self, name: str) -> Call[Model]:
         return Call(RestRequest("GET", f"/v1/models/{_segment(name)}"), _read_model)
@@ -266,6 +331,21 @@ class RestCodec:
         path = f"/v1/models/{_segment(name)}/rollback"
         return Call(RestRequest("POST", path, body), _read_model)
 
+    def export_weights(
+        self, name: str, version: int, layout: str, format: str
+    ) -> Call[WeightsFile]:
+        query = urlencode({"layout": layout, "format": format})
+        path = f"/v1/models/{_segment(name)}/versions/{version}/weights?{query}"
+        return Call(RestRequest("GET", path), _weights_reader(name, version, layout, format))
+
+    def history(
+        self, name: str, since: int | None, until: int | None, every: int, limit: int | None
+    ) -> Call[History]:
+        given = {"since": since, "until": until, "every": every, "limit": limit}
+        query = urlencode({k: v for k, v in given.items() if v is not None})
+        path = f"/v1/models/{_segment(name)}/history?{query}"
+        return Call(RestRequest("GET", path), _reading(history_from))
+
 
 # -- the two flavours' I/O -----------------------------------------------------------------
 
@@ -279,6 +359,17 @@ def base_url(url: str) -> str:
             f"(for a server at {url}, give http://{url})"
         )
     return url.rstrip("/")
+
+
+class _Headers:
+    """The headers of each request: the client's, and the body's own content type."""
+
+    _headers: dict[str, str]
+
+    def _request_headers(self, request: RestRequest) -> dict[str, str]:
+        if request.content_type is None:
+            return self._headers
+        return self._headers | {"content-type": request.content_type}
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -300,7 +391,7 @@ def _verify(root_certificates: Path | None, http_client: object) -> ssl.SSLConte
     return ssl.create_default_context(cafile=str(root_certificates)) if root_certificates else True
 
 
-class RestClient(Client):
+class RestClient(_Headers, Client):
     """A blocking client for propserve's REST API at ``url`` (e.g. http://127.0.0.1:8000).
 
     ``token`` is a bearer token; ``root_certificates`` a PEM file to trust for https;
@@ -342,7 +433,7 @@ class RestClient(Client):
                 request.method,
                 self.url + request.path,
                 content=request.body,
-                headers=self._headers,
+                headers=self._request_headers(request),
                 timeout=self.timeout,
             )
         except httpx.HTTPError as exc:
@@ -356,7 +447,7 @@ class RestClient(Client):
             yield self._send(request)
 
 
-class AsyncRestClient(AsyncClient):
+class AsyncRestClient(_Headers, AsyncClient):
     """The asyncio twin of :class:`RestClient`: the same arguments (``http_client``: an
     ``httpx.AsyncClient``) and methods, awaited."""
 
@@ -388,7 +479,7 @@ class AsyncRestClient(AsyncClient):
                 request.method,
                 self.url + request.path,
                 content=request.body,
-                headers=self._headers,
+                headers=self._request_headers(request),
                 timeout=self.timeout,
             )
         except httpx.HTTPError as exc:

@@ -8,9 +8,26 @@ from typing import Any
 
 from numpy.typing import NDArray
 
-from propserve.wire import Evaluation, Model, StepResult, Version
+from propserve.wire import (
+    Evaluation,
+    History,
+    HistoryPoint,
+    Model,
+    StepResult,
+    Version,
+    WeightsFile,
+)
 
-__all__ = ["Evaluation", "Model", "Prediction", "StepResult", "Version"]
+__all__ = [
+    "Evaluation",
+    "History",
+    "HistoryPoint",
+    "Model",
+    "Prediction",
+    "StepResult",
+    "Version",
+    "WeightsFile",
+]
 
 
 @dataclass(frozen=True)

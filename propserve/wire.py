@@ -189,6 +189,30 @@ def settings_problem(settings: dict[str, Any]) -> str | None:
     return None
 
 
+#: How a weights file names and shapes a dense layer (docs/weights.md): "propserve" keeps
+#: a weight (n_in, n_out) as the store does, "torch" (n_out, n_in) as torch.nn.Linear does,
+#: named as an nn.Sequential's state_dict names it.
+WEIGHT_LAYOUTS = ("propserve", "torch")
+#: The formats a saved version exports to, and their media types.
+WEIGHT_FORMATS = {"safetensors": "application/octet-stream", "onnx": "application/onnx"}
+
+
+def export_problem(layout: object, format: object) -> str | None:
+    """Why (layout, format) of an export is not valid, or None. A layout names safetensors
+    tensors: an ONNX file has only the default."""
+    if layout not in WEIGHT_LAYOUTS:
+        return f"unknown layout {layout!r:.40}; layouts are {', '.join(WEIGHT_LAYOUTS)}"
+    if format not in WEIGHT_FORMATS:
+        return f"unknown format {format!r:.40}; formats are {', '.join(WEIGHT_FORMATS)}"
+    if format == "onnx" and layout != "propserve":
+        return "a layout applies to safetensors files; an ONNX file has its own"
+    return None
+
+
+#: The most history points one answer holds (GetHistory's ``limit``).
+MAX_HISTORY_POINTS = 100_000
+
+
 # -- records ------------------------------------------------------------------------------
 
 
@@ -256,3 +280,45 @@ class StepResult:
     batch_size: int
     #: Set when this step triggered an autosave.
     saved_version: int | None
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A saved version's weights as a file: what ExportWeights returns."""
+
+    model: str
+    version: int
+    step: int
+    #: "safetensors" or "onnx" (WEIGHT_FORMATS).
+    format: str
+    #: "propserve" or "torch" (WEIGHT_LAYOUTS).
+    layout: str
+    #: The sha256 of the version as stored; for a propserve-layout safetensors file, that of
+    #: ``data`` itself, which is the stored file.
+    sha256: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class HistoryPoint:
+    """One training step in a model's history, or with ``every`` > 1 one bucket of steps:
+    its last step, mean loss and accuracy, last learning rate, summed rows, last time."""
+
+    step: int
+    loss: float
+    #: Classification losses only.
+    accuracy: float | None
+    learning_rate: float
+    rows: int
+    #: Seconds since the Unix epoch.
+    time: float
+
+
+@dataclass(frozen=True)
+class History:
+    """Part of a model's training history, in step order: what GetHistory returns."""
+
+    model: str
+    points: tuple[HistoryPoint, ...]
+    #: Where to continue (the next call's ``since``) when the limit cut the answer short.
+    next_since: int | None

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     version_cache: int = Field(
         8, ge=0, description="Saved versions kept loaded in memory for Predict."
     )
+    history_steps: int = Field(
+        1_000_000,
+        ge=1,
+        description="Training steps of history kept per model (the oldest are compacted away).",
+    )
     grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )

@@ -203,6 +203,10 @@ class Batch:
     learning_rate: float | None
 
 
+#: How often a history watch looks for new steps, in seconds.
+WATCH_INTERVAL = 0.2
+
+
 class DataPlane:
     """The server's operations, for every transport (see the module's docstring)."""
 
@@ -230,6 +234,9 @@ class DataPlane:
         self.busy_poll = BusyPoll(settings.busy_poll_us / 1e6, lambda: not self.workers.busy)
         #: Elements of one tensor the adapters accept (a whole message of 4-byte numbers).
         self.max_elements = max(settings.max_message_bytes // 4, 1)
+        #: The largest weights file an import takes: float64 parameters and two optimizer
+        #: slots at the parameter limit, and room for the header.
+        self.max_weights_bytes = 3 * 8 * settings.max_params + (16 << 20)
         self.draining = False
         self.in_flight = 0
         self.idle: asyncio.Event | None = None
@@ -264,9 +271,17 @@ class DataPlane:
     # -- models --------------------------------------------------------------------------
 
     async def create_model(
-        self, name: str, spec: Any, settings: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        spec: Any,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        weights: bytes | memoryview | None = None,
+        layout: str = "propserve",
     ) -> wire.Model:
-        return await self.workers.run(self.models.create_model, name, spec, settings)
+        return await self.workers.run(
+            self.models.create_model, name, spec, settings, weights=weights, layout=layout
+        )
 
     async def get_model(self, name: str) -> wire.Model:
         return self.models.get_model(name)
@@ -328,6 +343,55 @@ class DataPlane:
         return await self.workers.run(
             self.models.evaluate, name, inputs, targets, version=version, label=label
         )
+
+    async def export_weights(
+        self, name: str, version: int, *, layout: str, format: str
+    ) -> wire.WeightsFile:
+        """A saved version as a file (in a worker: it reads, and may convert, the version)."""
+        return await self.workers.run(
+            self.models.export_weights, name, version, layout=layout, format=format
+        )
+
+    # -- training history ------------------------------------------------------------------
+
+    async def history(
+        self,
+        name: str,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        every: int = 1,
+        limit: int | None = None,
+    ) -> wire.History:
+        return await self.workers.run(
+            self.models.history, name, since=since, until=until, every=every, limit=limit
+        )
+
+    async def watch_history(
+        self, name: str, *, since: int | None = None, every: int = 1
+    ) -> AsyncIterator[wire.History]:
+        """The history from step ``since`` (None: from the next step on), then each new part
+        as it is trained, looked for every WATCH_INTERVAL seconds; the first answer comes at
+        once, even if empty. Ends when the server drains; after a rollback it goes on from
+        the steps trained after it."""
+        if since is None:
+            end = self.models.history_end(name)
+            since = 1 if end is None else end + 1
+        first = True
+        while not self.draining:
+            part = await self.history(name, since=since, every=every)
+            if part.points or first:
+                yield part
+                first = False
+            if part.next_since is not None:
+                since = part.next_since
+                continue
+            if part.points:
+                since = part.points[-1].step + 1
+            end = self.models.history_end(name)
+            if end is not None and end < since - 1:  # rolled back: follow the new steps
+                since = end + 1
+            await asyncio.sleep(WATCH_INTERVAL)
 
     async def train_step(
         self,

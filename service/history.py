@@ -45,6 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from propserve.service.errors import InvalidArgument
+from propserve.wire import HistoryPoint
 
 #: One record, as kept in memory and stored on disk: little-endian, 48 bytes, no padding.
 RECORD = np.dtype(
@@ -64,19 +65,6 @@ MAX_STEP = 2**63 - 1
 _FIRST_CAPACITY = 1024
 
 Records = NDArray[Any]  # a 1-d array of RECORD
-
-
-@dataclass(frozen=True)
-class HistoryPoint:
-    """One training step, or with ``every`` > 1 one bucket of steps (see
-    :meth:`History.query`)."""
-
-    step: int
-    loss: float
-    accuracy: float | None
-    learning_rate: float
-    rows: int
-    time: float  # seconds since the Unix epoch
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,8 @@ from propserve.engine import (
     evaluate,
     forward,
 )
+from propserve.engine.onnxgraph import to_onnx
+from propserve.engine.weights import export_weights, import_weights
 from propserve.service.config import Settings
 from propserve.service.errors import (
     DataLoss,
@@ -51,6 +54,8 @@ from propserve.service.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from propserve.service.history import DEFAULT_QUERY_LIMIT as DEFAULT_HISTORY_POINTS
+from propserve.service.history import History
 from propserve.service.metrics import Metrics
 from propserve.service.store import ModelRecord, ModelStore, VersionMeta
 from propserve.service.store.records import check_name
@@ -128,6 +133,7 @@ class LiveModel:
         network: Network | None,
         parent: int | None,
         last_loss: float | None,
+        history: History | None = None,
     ) -> None:
         self.record = record
         self.spec = spec
@@ -145,6 +151,9 @@ class LiveModel:
         self.last_loss = last_loss
         self.unsaved = 0
         self.unsaved_loss_sum = 0.0
+        self.unsaved_accuracy_sum = 0.0
+        #: The head's training history (propserve.service.history): one record per step.
+        self.history = history if history is not None else History()
         self.detached = False
         self.deleted = False
         self.unloaded = False
@@ -177,6 +186,25 @@ def to_service_error(exc: EngineError, what: str = "") -> Exception:
 def last_loss(metrics: Mapping[str, float]) -> float | None:
     # Versions saved before "last_loss" was named recorded the same value as "loss".
     return metrics.get("last_loss", metrics.get("loss"))
+
+
+def _metrics(model: LiveModel) -> dict[str, float]:
+    """A version's metrics, named for what they are: ``last_*`` of the last batch, ``mean_*``
+    over the steps this version adds (``history_from`` to ``history_to``, its range in the
+    model's history)."""
+    metrics: dict[str, float] = {}
+    if model.last_loss is not None and math.isfinite(model.last_loss):
+        metrics["last_loss"] = model.last_loss
+        if model.unsaved and math.isfinite(model.unsaved_loss_sum):
+            metrics["mean_loss"] = model.unsaved_loss_sum / model.unsaved
+    last = model.history.last
+    if model.unsaved and last is not None and last.step == model.head.step:
+        if last.accuracy is not None:
+            metrics["last_accuracy"] = last.accuracy
+            metrics["mean_accuracy"] = model.unsaved_accuracy_sum / model.unsaved
+        metrics["history_from"] = float(model.head.step - model.unsaved + 1)
+        metrics["history_to"] = float(model.head.step)
+    return metrics
 
 
 class Models:
@@ -227,8 +255,17 @@ class Models:
     # -- models ------------------------------------------------------------------------
 
     def create_model(
-        self, name: str, spec: Any, settings: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        spec: Any,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        weights: bytes | memoryview | None = None,
+        layout: str = "propserve",
     ) -> wire.Model:
+        """A new model, its head fresh from the spec's seed, or from ``weights`` (a
+        safetensors file in ``layout``, docs/weights.md): then saved at once as version 1,
+        so a crash cannot lose what was imported."""
         self._check_writable()
         check_name(name)
         try:
@@ -241,7 +278,15 @@ class Models:
                 f"the spec's {parsed.n_params:,} parameters exceed the limit "
                 f"of {self.settings.max_params:,} per model on this server"
             )
-        network = Network(parsed)
+        if weights is None:
+            network = Network(parsed)
+        elif layout not in wire.WEIGHT_LAYOUTS:
+            raise InvalidArgument(wire.export_problem(layout, "safetensors") or "bad layout")
+        else:
+            try:
+                network = import_weights(parsed, weights, layout=layout)
+            except EngineError as exc:
+                raise InvalidArgument(f"weights: {exc}") from None
         defaults = {
             "retain": self.settings.default_retain,
             "autosave_every": self.settings.default_autosave_every,
@@ -250,10 +295,21 @@ class Models:
             record = self.store.create_model(
                 name, parsed.to_dict(), defaults | dict(settings or {})
             )
-            model = self._models[name] = LiveModel(record, parsed, network, None, None)
-        self.metrics.step.labels(name).set(0)
-        self.metrics.versions.labels(name).set(0)
-        log.info("model.created", extra={"model": name, "params": parsed.n_params})
+            history = History(self.settings.history_steps)
+            model = LiveModel(record, parsed, network, None, None, history)
+            if weights is not None:
+                try:
+                    self._save_locked(model)
+                except Exception:
+                    self.store.delete_model(name)
+                    raise
+            self._models[name] = model
+        self.metrics.step.labels(name).set(network.step)
+        self.metrics.versions.labels(name).set(0 if model.latest is None else 1)
+        log.info(
+            "model.created",
+            extra={"model": name, "params": parsed.n_params, "imported": weights is not None},
+        )
         return self._record(model)
 
     def get_model(self, name: str) -> wire.Model:
@@ -528,7 +584,17 @@ class Models:
                 raise to_service_error(exc) from None
             model.unsaved += 1
             model.unsaved_loss_sum += result.loss
+            if result.accuracy is not None:
+                model.unsaved_accuracy_sum += result.accuracy
             model.last_loss = result.loss
+            model.history.record(
+                result.step,
+                result.loss,
+                result.accuracy,
+                prepared.batch.lr,
+                len(prepared.batch.x),
+                time.time(),
+            )
             saved = None
             every = int(model.record.settings.get("autosave_every", 0))
             if every and result.step % every == 0:
@@ -553,6 +619,64 @@ class Models:
     def list_versions(self, name: str) -> list[wire.Version]:
         model = self._model(name)
         return [self._version_record(model, meta) for meta in self.store.list_versions(name)]
+
+    def export_weights(
+        self, name: str, version: int, *, layout: str = "propserve", format: str = "safetensors"
+    ) -> wire.WeightsFile:
+        """A saved version's weights as a file (docs/weights.md). The propserve layout's
+        safetensors file is the stored file itself; the others are made from it. Slow (reads
+        the version): call it off the event loop."""
+        problem = wire.source_problem(version, None) or wire.export_problem(layout, format)
+        if problem:
+            raise InvalidArgument(problem)
+        self._check_open()
+        model = self._model(name)
+        meta, data = self.store.load_version(name, version)
+        if format == "safetensors" and layout == "propserve":
+            out = data
+        else:
+            _, network = self._load_version(model, version)
+            try:
+                if format == "onnx":
+                    out = to_onnx(network.spec, network.params, name=f"{name}-v{version}")
+                else:
+                    out = export_weights(network, layout=layout)
+            except ImportError as exc:
+                raise FailedPrecondition(f"this server cannot export ONNX: {exc}") from None
+        return wire.WeightsFile(name, version, meta.step, format, layout, meta.sha256, out)
+
+    # -- training history --------------------------------------------------------------
+
+    def history(
+        self,
+        name: str,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        every: int = 1,
+        limit: int | None = None,
+    ) -> wire.History:
+        """The head's training history from ``since`` to ``until`` (both included), one
+        point per step or per bucket of ``every`` steps (see History.query), at most
+        ``limit`` points (None: DEFAULT_HISTORY_POINTS)."""
+        if limit is not None and (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= wire.MAX_HISTORY_POINTS
+        ):
+            raise InvalidArgument(
+                f"invalid limit {limit!r:.40}: expected an integer from 1 to "
+                f"{wire.MAX_HISTORY_POINTS}"
+            )
+        model = self._model(name)
+        part = model.history.query(
+            since=since, until=until, every=every, limit=limit or DEFAULT_HISTORY_POINTS
+        )
+        return wire.History(name, tuple(part.points()), part.next_since)
+
+    def history_end(self, name: str) -> int | None:
+        """The last step in the model's history (None: none yet)."""
+        return self._model(name).history.last_step
 
     def set_label(self, name: str, label: str, version: int) -> wire.Model:
         self._check_writable()
@@ -590,9 +714,10 @@ class Models:
             model.network = network
             model.parent = meta.version
             model.unsaved = 0
-            model.unsaved_loss_sum = 0.0
+            model.unsaved_loss_sum = model.unsaved_accuracy_sum = 0.0
             model.detached = meta.version != model.latest
             model.last_loss = last_loss(meta.metrics)
+            model.history.rewind(meta.step)
         self.metrics.step.labels(name).set(network.step)
         log.info(
             "model.rolled_back",
@@ -651,6 +776,7 @@ class Models:
         max_params = self.settings.max_params
         spec = ModelSpec.from_dict(record.spec, max_params=max_params)
         latest = self.store.latest_version(record.name)
+        history = self.store.read_history(record.name, limit=self.settings.history_steps)
         if latest is None:
             network, parent, loss = Network(spec), None, None
         else:
@@ -663,7 +789,10 @@ class Models:
             "model.loaded",
             extra={"model": record.name, "version": parent, "step": network.step},
         )
-        return LiveModel(record, spec, network, parent, loss)
+        # The history follows the head: if the newest version failed and an older one loaded,
+        # the steps after it are not the head's.
+        history.rewind(network.step)
+        return LiveModel(record, spec, network, parent, loss, history)
 
     def _label_version(self, model: LiveModel, label: str) -> int:
         version = model.record.labels.get(label)
@@ -695,19 +824,14 @@ class Models:
     def _save_locked(self, model: LiveModel) -> VersionMeta:
         name = model.record.name
         state = model.head.to_bytes()
-        metrics: dict[str, float] = {}
-        if model.last_loss is not None and math.isfinite(model.last_loss):
-            # The last batch's loss, and the mean over the steps this version adds.
-            metrics["last_loss"] = model.last_loss
-            if model.unsaved and math.isfinite(model.unsaved_loss_sum):
-                metrics["mean_loss"] = model.unsaved_loss_sum / model.unsaved
         meta = self.store.save_version(
-            name, state, step=model.head.step, parent=model.parent, metrics=metrics
+            name, state, step=model.head.step, parent=model.parent, metrics=_metrics(model)
         )
         model.parent = model.latest = meta.version
         model.unsaved = 0
-        model.unsaved_loss_sum = 0.0
+        model.unsaved_loss_sum = model.unsaved_accuracy_sum = 0.0
         model.detached = False
+        self._persist_history(model)
         # Retention may have removed versions: they leave memory too, so a prediction by
         # such a version answers NotFound as the store does.
         kept = {version.version for version in self.store.list_versions(name)}
@@ -723,6 +847,17 @@ class Models:
             },
         )
         return meta
+
+    def _persist_history(self, model: LiveModel) -> None:
+        """The head's history up to the version just saved, appended to the store. A failure
+        is logged, not raised: the version is saved, and the next save writes these
+        records too."""
+        try:
+            self.store.append_history(model.record.name, model.history)
+        except Exception as exc:
+            log.warning(
+                "history.persist_failed", extra={"model": model.record.name, "reason": str(exc)}
+            )
 
     def _version_record(self, model: LiveModel, meta: VersionMeta) -> wire.Version:
         labels = tuple(sorted(k for k, v in model.record.labels.items() if v == meta.version))

@@ -161,9 +161,15 @@ class ReplicaModels(Models):
         for version, weights in model.pinned.items():
             if version not in pinned:  # a label left it: kept at hand in the cache
                 self._versions.put(name, version, weights)
+        # The writer persists its history with each version: a new version brings more.
+        history = None
+        if latest is not None and (initial or latest.version != model.latest):
+            history = self.store.read_history(name, limit=self.settings.history_steps)
         with model.lock:
             model.record = _with_labels(record, labels)
             model.pinned = pinned
+            if history is not None:
+                model.history = history
             if latest is not None and latest.version in pinned:
                 model.latest = model.parent = latest.version
                 model.served_step = latest.step

@@ -38,8 +38,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from propserve import wire
 from propserve.clients import Client, errors
-from propserve.clients.cli import models, predict, train, versions
+from propserve.clients.cli import history, models, predict, train, versions
 from propserve.clients.cli.connection import (
     DEFAULT_GRPC,
     DEFAULT_REST,
@@ -200,6 +201,19 @@ def add_client_commands(sub: Any) -> None:
     create.add_argument(
         "--autosave-every", dest="autosave_every", type=int, help="save every N steps (0: off)"
     )
+    create.add_argument(
+        "--weights",
+        type=Path,
+        metavar="FILE",
+        help="start from these weights (a .safetensors file; saved as version 1)",
+    )
+    create.add_argument(
+        "--layout",
+        choices=wire.WEIGHT_LAYOUTS,
+        default="propserve",
+        help="how --weights names and shapes layers (default: %(default)s; torch: an "
+        "nn.Sequential's state_dict)",
+    )
     _add_verb(models_sub, "list", common, models.listing, help="list models")
     show = _add_verb(models_sub, "show", common, models.show, help="show one model")
     show.add_argument("name")
@@ -306,6 +320,48 @@ def add_client_commands(sub: Any) -> None:
     vrollback.add_argument("name")
     vrollback.add_argument("version", type=int, nargs="?")
     vrollback.add_argument("--label")
+    vexport = _add_verb(
+        versions_sub,
+        "export",
+        common,
+        versions.export,
+        help="write a saved version's weights to a file",
+        description="Write saved VERSION of NAME to a file: safetensors (in the propserve or "
+        "torch layout) or ONNX. Prints the stored version's sha256.",
+    )
+    vexport.add_argument("name")
+    vexport.add_argument("version", type=int)
+    vexport.add_argument("--output", "-o", type=Path, required=True, help="the file to write")
+    vexport.add_argument(
+        "--layout", choices=wire.WEIGHT_LAYOUTS, default="propserve", help="default: %(default)s"
+    )
+    vexport.add_argument(
+        "--format",
+        choices=list(wire.WEIGHT_FORMATS),
+        default="safetensors",
+        help="default: %(default)s",
+    )
+
+    history_parser = _add_verb(
+        sub,
+        "history",
+        common,
+        history.show,
+        help="show a model's training history (a table, or --plot)",
+        description="The head's training history: one row per step (or per bucket of --every "
+        "steps). --plot draws loss (and accuracy) against step in the terminal, with saved "
+        "versions marked.",
+    )
+    history_parser.add_argument("name")
+    history_parser.add_argument("--since", type=int, help="first step")
+    history_parser.add_argument("--until", type=int, help="last step")
+    history_parser.add_argument(
+        "--every", type=int, help="one point per bucket of N steps (default: at most 2000 points)"
+    )
+    history_parser.add_argument("--plot", action="store_true", help="draw a terminal plot")
+    history_parser.add_argument(
+        "--tail", type=int, default=20, help="table rows (default: %(default)s)"
+    )
 
 
 class Parser(argparse.ArgumentParser):

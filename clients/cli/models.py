@@ -14,10 +14,20 @@ EXIT_OK = 0
 def create(args: argparse.Namespace, client: Client) -> int:
     spec = build_spec(args)
     model = client.create_model(
-        args.name, spec, retain=args.retain, autosave_every=args.autosave_every
+        args.name,
+        spec,
+        retain=args.retain,
+        autosave_every=args.autosave_every,
+        weights=args.weights,
+        layout=args.layout,
     )
     if args.json:
         output.print_json(output.model_json(model))
+    elif args.weights is not None:
+        print(
+            f"created model {model.name} ({model.parameter_count:,} parameters) from "
+            f"{args.weights}, saved as version {model.latest_version} (step {model.head_step})"
+        )
     else:
         print(f"created model {model.name} ({model.parameter_count:,} parameters)")
     return EXIT_OK

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -33,6 +34,16 @@ def model_json(model: Model) -> dict[str, Any]:
 
 def version_json(version: Version) -> dict[str, Any]:
     return dataclasses.asdict(version)
+
+
+def record_json(record: Any) -> dict[str, Any]:
+    """A wire record (a dataclass) as a JSON object."""
+    return dataclasses.asdict(record)
+
+
+def timestamp(seconds: float) -> str:
+    """Seconds since the epoch as UTC date and time."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

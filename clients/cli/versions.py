@@ -1,8 +1,11 @@
-"""``propserve versions list|save|label|unlabel|rollback``."""
+"""``propserve versions list|save|label|unlabel|rollback|export``."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
 
 from propserve.clients import Client
 from propserve.clients.cli import output
@@ -69,3 +72,44 @@ def rollback(args: argparse.Namespace, client: Client) -> int:
         target = f"version {args.version}" if args.version is not None else repr(args.label)
         print(f"rolled {args.name} back to {target} (head step {model.head_step})")
     return EXIT_OK
+
+
+def export(args: argparse.Namespace, client: Client) -> int:
+    exported = client.export_weights(
+        args.name, args.version, layout=args.layout, format=args.format
+    )
+    _write_whole(args.output, exported.data)
+    if args.json:
+        output.print_json(
+            {
+                "model": exported.model,
+                "version": exported.version,
+                "step": exported.step,
+                "format": exported.format,
+                "layout": exported.layout,
+                "sha256": exported.sha256,
+                "bytes": len(exported.data),
+                "file": str(args.output),
+            }
+        )
+    else:
+        print(
+            f"wrote {args.name} version {exported.version} (step {exported.step}) as "
+            f"{exported.format} ({exported.layout} layout) to {args.output}: "
+            f"{output.size(len(exported.data))}; stored sha256 {exported.sha256}"
+        )
+    return EXIT_OK
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it is never seen half written: a temporary file beside it,
+    renamed over it."""
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -70,14 +70,114 @@ class Model(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, int]] = ..., head_step: _Optional[int] = ..., latest_version: _Optional[int] = ..., unsaved_steps: _Optional[int] = ..., parameter_count: _Optional[int] = ..., last_loss: _Optional[float] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("name", "spec_json", "settings")
+    __slots__ = ("name", "spec_json", "settings", "weights", "layout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec_json: str
     settings: ModelSettings
-    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ...) -> None: ...
+    weights: bytes
+    layout: str
+    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., weights: _Optional[bytes] = ..., layout: _Optional[str] = ...) -> None: ...
+
+class UploadModelRequest(_message.Message):
+    __slots__ = ("model", "chunk")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    model: CreateModelRequest
+    chunk: bytes
+    def __init__(self, model: _Optional[_Union[CreateModelRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class ExportWeightsRequest(_message.Message):
+    __slots__ = ("model", "version", "layout", "format")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    layout: str
+    format: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layout: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+
+class WeightsInfo(_message.Message):
+    __slots__ = ("model", "version", "step", "format", "layout", "sha256", "size_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    step: int
+    format: str
+    layout: str
+    sha256: str
+    size_bytes: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., format: _Optional[str] = ..., layout: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("info", "data")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    info: WeightsInfo
+    data: bytes
+    def __init__(self, info: _Optional[_Union[WeightsInfo, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetHistoryRequest(_message.Message):
+    __slots__ = ("model", "since", "until", "every", "limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    since: int
+    until: int
+    every: int
+    limit: int
+    def __init__(self, model: _Optional[str] = ..., since: _Optional[int] = ..., until: _Optional[int] = ..., every: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class HistoryPoint(_message.Message):
+    __slots__ = ("step", "loss", "accuracy", "learning_rate", "rows", "time")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    accuracy: float
+    learning_rate: float
+    rows: int
+    time: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., learning_rate: _Optional[float] = ..., rows: _Optional[int] = ..., time: _Optional[float] = ...) -> None: ...
+
+class History(_message.Message):
+    __slots__ = ("model", "points", "next_since")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SINCE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    points: _containers.RepeatedCompositeFieldContainer[HistoryPoint]
+    next_since: int
+    def __init__(self, model: _Optional[str] = ..., points: _Optional[_Iterable[_Union[HistoryPoint, _Mapping]]] = ..., next_since: _Optional[int] = ...) -> None: ...
+
+class WatchHistoryRequest(_message.Message):
+    __slots__ = ("model", "since", "every")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    since: int
+    every: int
+    def __init__(self, model: _Optional[str] = ..., since: _Optional[int] = ..., every: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("name",)

@@ -104,6 +104,26 @@ class ModelServiceStub(object):
                 request_serializer=propserve_dot_v1_dot_model__service__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=propserve_dot_v1_dot_model__service__pb2.Model.FromString,
                 _registered_method=True)
+        self.UploadModel = channel.stream_unary(
+                '/propserve.v1.ModelService/UploadModel',
+                request_serializer=propserve_dot_v1_dot_model__service__pb2.UploadModelRequest.SerializeToString,
+                response_deserializer=propserve_dot_v1_dot_model__service__pb2.Model.FromString,
+                _registered_method=True)
+        self.ExportWeights = channel.unary_stream(
+                '/propserve.v1.ModelService/ExportWeights',
+                request_serializer=propserve_dot_v1_dot_model__service__pb2.ExportWeightsRequest.SerializeToString,
+                response_deserializer=propserve_dot_v1_dot_model__service__pb2.WeightsChunk.FromString,
+                _registered_method=True)
+        self.GetHistory = channel.unary_unary(
+                '/propserve.v1.ModelService/GetHistory',
+                request_serializer=propserve_dot_v1_dot_model__service__pb2.GetHistoryRequest.SerializeToString,
+                response_deserializer=propserve_dot_v1_dot_model__service__pb2.History.FromString,
+                _registered_method=True)
+        self.WatchHistory = channel.unary_stream(
+                '/propserve.v1.ModelService/WatchHistory',
+                request_serializer=propserve_dot_v1_dot_model__service__pb2.WatchHistoryRequest.SerializeToString,
+                response_deserializer=propserve_dot_v1_dot_model__service__pb2.History.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer(object):
@@ -205,6 +225,36 @@ class ModelServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadModel(self, request_iterator, context):
+        """CreateModel for weights larger than one message: the first message holds the request
+        without weights, the following ones the weights' bytes in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportWeights(self, request, context):
+        """A saved version's weights as a file (safetensors in either layout, or ONNX), in chunks:
+        the first carries what the file is, every one a part of its bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHistory(self, request, context):
+        """The head's training history: one point per step (or per bucket of steps).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchHistory(self, request, context):
+        """The history from a step on, then each new step as it is trained, until cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +327,26 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=propserve_dot_v1_dot_model__service__pb2.RollbackRequest.FromString,
                     response_serializer=propserve_dot_v1_dot_model__service__pb2.Model.SerializeToString,
+            ),
+            'UploadModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadModel,
+                    request_deserializer=propserve_dot_v1_dot_model__service__pb2.UploadModelRequest.FromString,
+                    response_serializer=propserve_dot_v1_dot_model__service__pb2.Model.SerializeToString,
+            ),
+            'ExportWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportWeights,
+                    request_deserializer=propserve_dot_v1_dot_model__service__pb2.ExportWeightsRequest.FromString,
+                    response_serializer=propserve_dot_v1_dot_model__service__pb2.WeightsChunk.SerializeToString,
+            ),
+            'GetHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHistory,
+                    request_deserializer=propserve_dot_v1_dot_model__service__pb2.GetHistoryRequest.FromString,
+                    response_serializer=propserve_dot_v1_dot_model__service__pb2.History.SerializeToString,
+            ),
+            'WatchHistory': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchHistory,
+                    request_deserializer=propserve_dot_v1_dot_model__service__pb2.WatchHistoryRequest.FromString,
+                    response_serializer=propserve_dot_v1_dot_model__service__pb2.History.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -657,6 +727,114 @@ class ModelService(object):
             '/propserve.v1.ModelService/Rollback',
             propserve_dot_v1_dot_model__service__pb2.RollbackRequest.SerializeToString,
             propserve_dot_v1_dot_model__service__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/propserve.v1.ModelService/UploadModel',
+            propserve_dot_v1_dot_model__service__pb2.UploadModelRequest.SerializeToString,
+            propserve_dot_v1_dot_model__service__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/propserve.v1.ModelService/ExportWeights',
+            propserve_dot_v1_dot_model__service__pb2.ExportWeightsRequest.SerializeToString,
+            propserve_dot_v1_dot_model__service__pb2.WeightsChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/propserve.v1.ModelService/GetHistory',
+            propserve_dot_v1_dot_model__service__pb2.GetHistoryRequest.SerializeToString,
+            propserve_dot_v1_dot_model__service__pb2.History.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/propserve.v1.ModelService/WatchHistory',
+            propserve_dot_v1_dot_model__service__pb2.WatchHistoryRequest.SerializeToString,
+            propserve_dot_v1_dot_model__service__pb2.History.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,18 @@ class ModelServiceStub:
     RemoveLabel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.RemoveLabelRequest, _model_service_pb2.Model]
     Rollback: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.RollbackRequest, _model_service_pb2.Model]
     """Reset the head to a saved version (weights and optimizer state)."""
+    UploadModel: _grpc.StreamUnaryMultiCallable[_model_service_pb2.UploadModelRequest, _model_service_pb2.Model]
+    """CreateModel for weights larger than one message: the first message holds the request
+    without weights, the following ones the weights' bytes in order.
+    """
+    ExportWeights: _grpc.UnaryStreamMultiCallable[_model_service_pb2.ExportWeightsRequest, _model_service_pb2.WeightsChunk]
+    """A saved version's weights as a file (safetensors in either layout, or ONNX), in chunks:
+    the first carries what the file is, every one a part of its bytes.
+    """
+    GetHistory: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.GetHistoryRequest, _model_service_pb2.History]
+    """The head's training history: one point per step (or per bucket of steps)."""
+    WatchHistory: _grpc.UnaryStreamMultiCallable[_model_service_pb2.WatchHistoryRequest, _model_service_pb2.History]
+    """The history from a step on, then each new step as it is trained, until cancelled."""
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -101,6 +113,18 @@ class ModelServiceAsyncStub(ModelServiceStub):
     RemoveLabel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.RemoveLabelRequest, _model_service_pb2.Model]  # type: ignore[assignment]
     Rollback: _aio.UnaryUnaryMultiCallable[_model_service_pb2.RollbackRequest, _model_service_pb2.Model]  # type: ignore[assignment]
     """Reset the head to a saved version (weights and optimizer state)."""
+    UploadModel: _aio.StreamUnaryMultiCallable[_model_service_pb2.UploadModelRequest, _model_service_pb2.Model]  # type: ignore[assignment]
+    """CreateModel for weights larger than one message: the first message holds the request
+    without weights, the following ones the weights' bytes in order.
+    """
+    ExportWeights: _aio.UnaryStreamMultiCallable[_model_service_pb2.ExportWeightsRequest, _model_service_pb2.WeightsChunk]  # type: ignore[assignment]
+    """A saved version's weights as a file (safetensors in either layout, or ONNX), in chunks:
+    the first carries what the file is, every one a part of its bytes.
+    """
+    GetHistory: _aio.UnaryUnaryMultiCallable[_model_service_pb2.GetHistoryRequest, _model_service_pb2.History]  # type: ignore[assignment]
+    """The head's training history: one point per step (or per bucket of steps)."""
+    WatchHistory: _aio.UnaryStreamMultiCallable[_model_service_pb2.WatchHistoryRequest, _model_service_pb2.History]  # type: ignore[assignment]
+    """The history from a step on, then each new step as it is trained, until cancelled."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -214,5 +238,41 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_service_pb2.Model, _abc.Awaitable[_model_service_pb2.Model]]:
         """Reset the head to a saved version (weights and optimizer state)."""
+
+    @_abc_1.abstractmethod
+    def UploadModel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_model_service_pb2.UploadModelRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.Model, _abc.Awaitable[_model_service_pb2.Model]]:
+        """CreateModel for weights larger than one message: the first message holds the request
+        without weights, the following ones the weights' bytes in order.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportWeights(
+        self,
+        request: _model_service_pb2.ExportWeightsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_model_service_pb2.WeightsChunk], _abc.AsyncIterator[_model_service_pb2.WeightsChunk]]:
+        """A saved version's weights as a file (safetensors in either layout, or ONNX), in chunks:
+        the first carries what the file is, every one a part of its bytes.
+        """
+
+    @_abc_1.abstractmethod
+    def GetHistory(
+        self,
+        request: _model_service_pb2.GetHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.History, _abc.Awaitable[_model_service_pb2.History]]:
+        """The head's training history: one point per step (or per bucket of steps)."""
+
+    @_abc_1.abstractmethod
+    def WatchHistory(
+        self,
+        request: _model_service_pb2.WatchHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_model_service_pb2.History], _abc.AsyncIterator[_model_service_pb2.History]]:
+        """The history from a step on, then each new step as it is trained, until cancelled."""
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -120,3 +120,33 @@ def prediction_out(result: Prediction) -> pb.PredictResponse:
     return pb.PredictResponse(
         outputs=tensor_out(result.outputs), version=result.version, step=result.step
     )
+
+
+def weights_info_out(exported: wire.WeightsFile) -> pb.WeightsInfo:
+    return pb.WeightsInfo(
+        model=exported.model,
+        version=exported.version,
+        step=exported.step,
+        format=exported.format,
+        layout=exported.layout,
+        sha256=exported.sha256,
+        size_bytes=len(exported.data),
+    )
+
+
+def history_out(history: wire.History) -> pb.History:
+    return pb.History(
+        model=history.model,
+        points=[
+            pb.HistoryPoint(
+                step=p.step,
+                loss=p.loss,
+                accuracy=p.accuracy,
+                learning_rate=p.learning_rate,
+                rows=p.rows,
+                time=p.time,
+            )
+            for p in history.points
+        ],
+        next_since=history.next_since,
+    )

@@ -13,7 +13,12 @@ import grpc
 from propserve import wire
 from propserve.service.calls import Call, internal_message
 from propserve.service.dataplane import Batch, DataPlane
-from propserve.service.errors import InvalidArgument, PropserveError, code_of
+from propserve.service.errors import (
+    InvalidArgument,
+    PropserveError,
+    ResourceExhausted,
+    code_of,
+)
 from propserve.service.grpc import convert
 from propserve.service.grpc.server import Undecodable
 from propserve.v1 import model_service_pb2 as pb
@@ -87,6 +92,10 @@ def unary(
     return wrap
 
 
+#: The most bytes of a file in one WeightsChunk.
+EXPORT_CHUNK = 1 << 20
+
+
 class ModelService(pb_grpc.ModelServiceServicer):
     """propserve.v1.ModelService."""
 
@@ -95,9 +104,79 @@ class ModelService(pb_grpc.ModelServiceServicer):
 
     @unary("CreateModel")
     async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.Model:
+        return await self._create(request, request.weights or None)
+
+    async def UploadModel(
+        self, request_iterator: AsyncIterator[pb.UploadModelRequest], context: Context
+    ) -> pb.Model:
+        """CreateModel with the weights sent in chunks after the request."""
+        call = None
+        try:
+            call = call_context(self.plane, "CreateModel", context)
+            with call:
+                first: pb.CreateModelRequest | None = None
+                chunks = bytearray()
+                async for message in request_iterator:
+                    if isinstance(message, Undecodable):
+                        raise InvalidArgument(message.reason)
+                    part = message.WhichOneof("part")
+                    if first is None:
+                        if part != "model" or message.model.weights:
+                            raise InvalidArgument(
+                                "the first message is the model (its weights empty); chunks follow"
+                            )
+                        first = message.model
+                    elif part != "chunk":
+                        raise InvalidArgument("after the first message, only chunks")
+                    else:
+                        chunks += message.chunk
+                        if len(chunks) > self.plane.max_weights_bytes:
+                            raise ResourceExhausted(
+                                f"the weights exceed {self.plane.max_weights_bytes:,} bytes, "
+                                "the most this server's parameter limit needs"
+                            )
+                if first is None:
+                    raise InvalidArgument("an upload needs the model as its first message")
+                if not chunks:
+                    raise InvalidArgument("an upload needs the weights' bytes after the model")
+                return await self._create(first, memoryview(chunks))
+        except Exception as exc:
+            await abort(context, exc, call)
+
+    async def _create(
+        self, request: pb.CreateModelRequest, weights: bytes | memoryview | None
+    ) -> pb.Model:
         spec = convert.spec_in(request.spec_json)
         settings = convert.settings_in(request.settings)
-        return convert.model_out(await self.plane.create_model(request.name, spec, settings))
+        model = await self.plane.create_model(
+            request.name, spec, settings, weights=weights, layout=request.layout or "propserve"
+        )
+        return convert.model_out(model)
+
+    async def ExportWeights(
+        self, request: pb.ExportWeightsRequest, context: Context
+    ) -> AsyncIterator[pb.WeightsChunk]:
+        """The file in chunks of at most EXPORT_CHUNK bytes; the first says what it is."""
+        call = None
+        try:
+            call = call_context(self.plane, "ExportWeights", context)
+            with call:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument(request.reason)
+                exported = await self.plane.export_weights(
+                    request.model,
+                    request.version,
+                    layout=request.layout or "propserve",
+                    format=request.format or "safetensors",
+                )
+                data = memoryview(exported.data)
+                yield pb.WeightsChunk(
+                    info=convert.weights_info_out(exported), data=data[:EXPORT_CHUNK].tobytes()
+                )
+                for start in range(EXPORT_CHUNK, len(data), EXPORT_CHUNK):
+                    yield pb.WeightsChunk(data=data[start : start + EXPORT_CHUNK].tobytes())
+        except Exception as exc:
+            await abort(context, exc, call)
 
     @unary("GetModel")
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
@@ -164,6 +243,36 @@ class ModelService(pb_grpc.ModelServiceServicer):
             if isinstance(request, Undecodable):
                 raise InvalidArgument(request.reason)
             yield convert.batch_in(request, self.plane.max_elements)
+
+    @unary("GetHistory")
+    async def GetHistory(self, request: pb.GetHistoryRequest, context: Context) -> pb.History:
+        history = await self.plane.history(
+            request.model,
+            since=request.since if request.HasField("since") else None,
+            until=request.until if request.HasField("until") else None,
+            every=request.every or 1,
+            limit=request.limit or None,
+        )
+        return convert.history_out(history)
+
+    async def WatchHistory(
+        self, request: pb.WatchHistoryRequest, context: Context
+    ) -> AsyncIterator[pb.History]:
+        """The history from a step on, then each new part as it is trained."""
+        call = None
+        try:
+            call = call_context(self.plane, "WatchHistory", context)
+            with call:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument(request.reason)
+                since = request.since if request.HasField("since") else None
+                parts = self.plane.watch_history(
+                    request.model, since=since, every=request.every or 1
+                )
+                async for part in parts:
+                    yield convert.history_out(part)
+        except Exception as exc:
+            await abort(context, exc, call)
 
     @unary("SaveVersion")
     async def SaveVersion(self, request: pb.SaveVersionRequest, context: Context) -> pb.Version:

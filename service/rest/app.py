@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Path, Request, Response
+from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
@@ -35,6 +35,8 @@ _PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
 
 #: A model or label name in a path: the pattern is documented, and enforced by the core (400).
 NameParam = Annotated[str, Path(json_schema_extra={"pattern": f"^{wire.NAME_PATTERN}$"})]
+#: A saved version's number in a path.
+VersionParam = Annotated[int, Path(ge=1, le=wire.MAX_VERSION)]
 
 
 def _oip(scope: Scope) -> bool:
@@ -198,9 +200,24 @@ def create_app(
     }
     v1 = APIRouter(prefix="/v1", tags=["models"], responses=error_responses)
 
-    @v1.post("/models", status_code=201, response_model=wire.Model, operation_id="CreateModel")
-    async def create_model(body: schemas.CreateModelBody) -> wire.Model:
-        return await plane.create_model(body.name, body.spec, body.settings.given())
+    @v1.post(
+        "/models",
+        status_code=201,
+        response_model=wire.Model,
+        operation_id="CreateModel",
+        openapi_extra=_create_body_schema(),
+        # The body is read by hand (JSON or multipart), so the framework does not add this.
+        responses={422: {"model": schemas.ErrorOut, "description": "Validation Error"}},
+    )
+    async def create_model(request: Request) -> wire.Model:
+        body, weights = await bodies.create_model_request(request, plane.max_weights_bytes)
+        return await plane.create_model(
+            body.name,
+            body.spec,
+            body.settings.given(),
+            weights=weights,
+            layout=body.layout or "propserve",
+        )
 
     @v1.get("/models", response_model=schemas.ModelList, operation_id="ListModels")
     async def list_models() -> dict[str, list[wire.Model]]:
@@ -255,6 +272,62 @@ def create_app(
     )
     async def list_versions(name: NameParam) -> dict[str, list[wire.Version]]:
         return {"versions": await plane.list_versions(name)}
+
+    @v1.get(
+        "/models/{name}/versions/{version}/weights",
+        operation_id="ExportWeights",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "The file; x-version-sha256 is the stored version's sha256.",
+                "content": {media: {} for media in wire.WEIGHT_FORMATS.values()},
+            }
+        },
+    )
+    async def export_weights(
+        name: NameParam,
+        version: VersionParam,
+        layout: Annotated[str, Query(json_schema_extra={"enum": list(wire.WEIGHT_LAYOUTS)})] = (
+            "propserve"
+        ),
+        format: Annotated[str, Query(json_schema_extra={"enum": list(wire.WEIGHT_FORMATS)})] = (
+            "safetensors"
+        ),
+    ) -> Response:
+        exported = await plane.export_weights(name, version, layout=layout, format=format)
+        suffix = "onnx" if exported.format == "onnx" else "safetensors"
+        layout_part = "" if exported.layout == "propserve" else f"-{exported.layout}"
+        filename = f"{exported.model}-v{exported.version}{layout_part}.{suffix}"
+        return Response(
+            exported.data,
+            media_type=wire.WEIGHT_FORMATS[exported.format],
+            headers={
+                "x-version-sha256": exported.sha256,
+                "x-version-step": str(exported.step),
+                "content-disposition": f'attachment; filename="{filename}"',
+            },
+        )
+
+    @v1.get("/models/{name}/history", response_model=wire.History, operation_id="GetHistory")
+    async def history(
+        name: NameParam,
+        since: Annotated[
+            int | None, Query(ge=0, description="First step (default: the first)")
+        ] = None,
+        until: Annotated[
+            int | None, Query(ge=0, description="Last step (default: the last)")
+        ] = None,
+        every: Annotated[int, Query(ge=1, description="One point per bucket of N steps")] = 1,
+        limit: Annotated[
+            int | None,
+            Query(
+                ge=1,
+                le=wire.MAX_HISTORY_POINTS,
+                description="Most points (default: 10000); next_since continues",
+            ),
+        ] = None,
+    ) -> wire.History:
+        return await plane.history(name, since=since, until=until, every=every, limit=limit)
 
     @v1.put("/models/{name}/labels/{label}", response_model=wire.Model, operation_id="SetLabel")
     async def set_label(name: NameParam, label: NameParam, body: schemas.LabelBody) -> wire.Model:
@@ -355,6 +428,31 @@ def create_app(
     return app
 
 
+def _create_body_schema() -> dict[str, Any]:
+    body = "#/components/schemas/CreateModelBody"
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": body}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["model", "weights"],
+                        "properties": {
+                            "model": {
+                                "type": "string",
+                                "description": "The JSON body, without weights.",
+                            },
+                            "weights": {"type": "string", "format": "binary"},
+                        },
+                    }
+                },
+            },
+        }
+    }
+
+
 def _body_schema(model: str) -> dict[str, Any]:
     return {
         "requestBody": {
@@ -375,6 +473,7 @@ def _declare_predict(app: FastAPI) -> None:
         schema = default_openapi()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in (
+            schemas.CreateModelBody,
             schemas.PredictBody,
             schemas.PredictOut,
             schemas.TrainStepBody,

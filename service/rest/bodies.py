@@ -14,13 +14,20 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pybase64
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from numpy.typing import NDArray
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUpload
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from propserve import wire
 from propserve.service import tensors
-from propserve.service.errors import InvalidArgument, PropserveError
+from propserve.service.errors import InvalidArgument, PropserveError, ResourceExhausted
 from propserve.service.models import Prediction
-from propserve.service.rest import jsonnumbers
+from propserve.service.rest import jsonnumbers, schemas
 
 
 def json_object(raw: bytes, matrix: str | None = None) -> dict[str, Any]:
@@ -124,6 +131,48 @@ def evaluate_request(
     inputs = tensor(body["inputs"], "inputs", max_elements, "float64")
     targets = tensor(body["targets"], "targets", max_elements)
     return inputs, targets, version, label
+
+
+async def create_model_request(
+    request: Request, max_weights_bytes: int
+) -> tuple[schemas.CreateModelBody, bytes | None]:
+    """(the body, the weights' bytes if any) of a create request: JSON (weights in base64),
+    or multipart/form-data with a ``model`` part (that JSON, without weights) and a
+    ``weights`` file part."""
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind != "multipart/form-data":
+        body = _validated(await request.body())
+        if body.weights is None:
+            return body, None
+        return body, pybase64.b64decode(body.weights, validate=True)
+    try:
+        form = await request.form(max_files=1, max_fields=1, max_part_size=1 << 20)
+    except (MultiPartException, HTTPException) as exc:
+        raise InvalidArgument(f"the multipart body is invalid: {exc}") from None
+    try:
+        unknown = sorted(set(form) - {"model", "weights"})
+        if unknown:
+            raise InvalidArgument(f"unknown part(s) {unknown}; parts are model and weights")
+        model, weights = form.get("model"), form.get("weights")
+        if not isinstance(model, str):
+            raise InvalidArgument("a multipart create needs a 'model' part: the JSON body")
+        if not isinstance(weights, StarletteUpload):
+            raise InvalidArgument("a multipart create needs a 'weights' file part")
+        body = _validated(model.encode())
+        if body.weights is not None:
+            raise InvalidArgument("the weights come as the 'weights' part, not in 'model'")
+        if weights.size is not None and weights.size > max_weights_bytes:
+            raise ResourceExhausted(f"the weights exceed {max_weights_bytes:,} bytes")
+        return body, await weights.read()
+    finally:
+        await form.close()
+
+
+def _validated(raw: bytes) -> schemas.CreateModelBody:
+    try:
+        return schemas.CreateModelBody.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
 
 
 #: dtype.name is rebuilt by numpy on each call; these are the ones answered.

@@ -241,10 +241,29 @@ SPEC_SCHEMA: dict[str, Any] = {
 }
 
 
+Layout = Annotated[str, WithJsonSchema({"enum": list(wire.WEIGHT_LAYOUTS)})]
+
+
 class CreateModelBody(Body):
+    """A new model. With ``weights`` (or, in a multipart body, a ``weights`` file) its head
+    starts from them and is saved as version 1; without, from the spec's seed."""
+
     name: Name
     spec: Annotated[dict[str, Any], WithJsonSchema(SPEC_SCHEMA)]
     settings: ModelSettings = Field(default_factory=ModelSettings)
+    weights: Annotated[str, Field(pattern=B64_PATTERN)] | Absent = _optional(
+        "Base64 of a safetensors file of the parameters (and optionally the optimizer "
+        "state), see docs/weights.md."
+    )
+    layout: Layout | Absent = _optional(
+        "How the weights name and shape dense layers: propserve (default) or torch."
+    )
+
+    @model_validator(mode="after")
+    def _layout(self) -> CreateModelBody:
+        if self.layout is not None and self.layout not in wire.WEIGHT_LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(wire.WEIGHT_LAYOUTS)}")
+        return self
 
 
 class UpdateModelBody(Body):

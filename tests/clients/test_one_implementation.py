@@ -46,7 +46,12 @@ OPERATIONS = {
     "set_label",
     "remove_label",
     "rollback",
+    "export_weights",
+    "history",
 }
+#: Methods of the gRPC clients only: WatchHistory is a server stream (REST clients poll
+#: ``history``).
+GRPC_STREAMS = {"watch_history"}
 
 
 def _public(cls: type) -> dict[str, Any]:
@@ -66,11 +71,17 @@ def test_the_four_clients_have_the_same_methods_with_the_same_signatures() -> No
     assert set(blocking) == set(asyncio_) == OPERATIONS | {"close"}
     # The transports add I/O only: every public method is the shared one.
     for blocking_cls in (GrpcClient, RestClient):
-        assert _public(blocking_cls).keys() == blocking.keys()
+        own = GRPC_STREAMS if blocking_cls is GrpcClient else set()
+        assert _public(blocking_cls).keys() == blocking.keys() | own
         assert all(getattr(blocking_cls, name) is blocking[name] for name in OPERATIONS)
     for asyncio_cls in (AsyncGrpcClient, AsyncRestClient):
-        assert _public(asyncio_cls).keys() == asyncio_.keys()
+        own = GRPC_STREAMS if asyncio_cls is AsyncGrpcClient else set()
+        assert _public(asyncio_cls).keys() == asyncio_.keys() | own
         assert all(getattr(asyncio_cls, name) is asyncio_[name] for name in OPERATIONS)
+    # A server stream only gRPC has: the same arguments in both flavours.
+    for name in GRPC_STREAMS:
+        sync, async_ = (_signature(getattr(cls, name)) for cls in (GrpcClient, AsyncGrpcClient))
+        assert list(sync.parameters) == list(async_.parameters), name
     for name in sorted(blocking):
         sync, async_ = _signature(blocking[name]), _signature(asyncio_[name])
         assert inspect.iscoroutinefunction(asyncio_[name]), name

@@ -28,7 +28,12 @@ OPERATIONS = {
     "SetLabel": ("put", "/v1/models/{name}/labels/{label}"),
     "RemoveLabel": ("delete", "/v1/models/{name}/labels/{label}"),
     "Rollback": ("post", "/v1/models/{name}/rollback"),
+    "ExportWeights": ("get", "/v1/models/{name}/versions/{version}/weights"),
+    "GetHistory": ("get", "/v1/models/{name}/history"),
 }
+#: gRPC methods with no REST route of their own: CreateModel's chunked twin, and the live
+#: history stream (REST clients poll GetHistory).
+GRPC_ONLY = {"Train", "UploadModel", "WatchHistory"}
 
 
 @pytest.fixture(scope="module")
@@ -124,4 +129,4 @@ def test_reflection_lists_the_services(server: ServerProcess) -> None:
         services = {
             f"{f.package}.{s.name}": {m.name for m in s.method} for f in parsed for s in f.service
         }
-        assert services["propserve.v1.ModelService"] == {*OPERATIONS, "Train"}
+        assert services["propserve.v1.ModelService"] == {*OPERATIONS, *GRPC_ONLY}

@@ -60,8 +60,19 @@ MUTATING = {
     "SetLabel": "model",
     "RemoveLabel": "model",
     "Rollback": "model",
+    # CreateModel in chunks: its first message's model names it.
+    "UploadModel": "model",
 }
-READING = {"GetModel", "ListModels", "ListVersions", "Predict", "Evaluate"}
+READING = {
+    "GetModel",
+    "ListModels",
+    "ListVersions",
+    "Predict",
+    "Evaluate",
+    "ExportWeights",
+    "GetHistory",
+    "WatchHistory",
+}
 
 #: Scratch models (restored before each test), each with a version its label LABEL names.
 MODELS: dict[str, dict[str, Any]] = {
@@ -117,11 +128,24 @@ def invoke(channel: grpc.Channel, method: str, payloads: list[bytes]) -> Outcome
     path = f"/{SERVICE.full_name}/{method}"
     raw: dict[str, Any] = {"request_serializer": unparsed, "response_deserializer": unparsed}
     answers = 0
+    descriptor = SERVICE.methods_by_name[method]
     try:
-        if SERVICE.methods_by_name[method].client_streaming:
+        if descriptor.client_streaming and descriptor.server_streaming:
             stream = channel.stream_stream(path, **raw)
             for _ in stream(iter(payloads), timeout=PATIENCE, metadata=METADATA):
                 answers += 1
+        elif descriptor.client_streaming:
+            channel.stream_unary(path, **raw)(iter(payloads), timeout=PATIENCE, metadata=METADATA)
+            answers = 1
+        elif descriptor.server_streaming:
+            # The first answer (a watch never ends by itself: it answers at once, then waits).
+            replies = channel.unary_stream(path, **raw)(
+                payloads[0], timeout=PATIENCE, metadata=METADATA
+            )
+            for _ in replies:
+                answers += 1
+                break
+            replies.cancel()
         else:
             channel.unary_unary(path, **raw)(payloads[0], timeout=PATIENCE, metadata=METADATA)
             answers = 1
@@ -339,9 +363,12 @@ def named_model(method: str, payloads: list[bytes]) -> str | None:
     input_type = GetMessageClass(SERVICE.methods_by_name[method].input_type)
     for payload in payloads:
         try:
-            name = getattr(input_type.FromString(payload), MUTATING[method])
+            message = input_type.FromString(payload)
         except DecodeError:
             return None
+        name = getattr(message, MUTATING[method])
+        if method == "UploadModel":
+            return str(name.name) if message.HasField("model") else None
         if name or method != "Train":
             return str(name)
     return None

@@ -80,6 +80,8 @@ OPERATIONS: dict[str, bool] = {
     "SetLabel": True,
     "RemoveLabel": True,
     "Rollback": True,
+    "ExportWeights": True,
+    "GetHistory": True,
     "Live": False,
     "Ready": False,
     "Metrics": False,
@@ -253,8 +255,12 @@ def test_every_name_in_a_path_has_the_name_pattern(document: dict[str, Any]) -> 
             in_path = {p["name"]: p for p in operation.get("parameters", []) if p["in"] == "path"}
             assert set(in_path) == set(re.findall(r"\{(\w+)\}", path)), path
             for name, parameter in in_path.items():
-                assert name in ("name", "label"), path
                 assert parameter["required"] is True
+                if name == "version":  # a saved version's number
+                    assert parameter["schema"]["type"] == "integer", path
+                    assert parameter["schema"]["minimum"] == 1, path
+                    continue
+                assert name in ("name", "label"), path
                 assert parameter["schema"]["type"] == "string"
                 assert parameter["schema"]["pattern"] == NAME, (path, name)
                 templates += 1
@@ -508,6 +514,8 @@ VALID: dict[str, Callable[[ServerProcess, dict[str, int]], Request]] = {
     "RemoveLabel": removable,
     "Rollback-label": lambda s, v: (CLF, {"label": LABEL}),
     "Rollback-version": lambda s, v: (MSE, {"version": v["fz-mse"]}),
+    "ExportWeights": lambda s, v: ({"name": "fz-clf", "version": v["fz-clf"]}, None),
+    "GetHistory": lambda s, v: (MSE, None),
     "Live": lambda s, v: ({}, None),
     "Ready": lambda s, v: ({}, None),
     "Metrics": lambda s, v: ({}, None),

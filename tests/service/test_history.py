@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 
 from propserve.service.errors import DataLoss, InvalidArgument, NotFound
-from propserve.service.history import RECORD, History, HistoryPoint, HistorySlice
+from propserve.service.history import RECORD, History, HistorySlice
 from propserve.service.store import ModelStore
 from propserve.service.store import history as segments
+from propserve.wire import HistoryPoint
 
 SPEC: dict[str, Any] = {"input": 3, "layers": [{"units": 2, "activation": "relu"}]}
 

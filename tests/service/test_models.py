@@ -468,7 +468,13 @@ def test_save_version_records_step_parent_and_loss(core: Models) -> None:
     losses = train(core, "m", batches(12, 2))
     v2 = core.save_version("m")
     assert (v2.version, v2.step, v2.parent) == (2, 2, 1)
-    assert v2.metrics == {"last_loss": losses[-1], "mean_loss": sum(losses[-2:]) / 2}
+    assert v2.metrics == {
+        "last_loss": losses[-1],
+        "mean_loss": sum(losses[-2:]) / 2,
+        # The steps this version adds: its range in the model's history.
+        "history_from": 1.0,
+        "history_to": 2.0,
+    }
     assert v2.size_bytes == len(core.store.load_version("m", 2)[1])
     assert core.get_model("m").unsaved_steps == 0
     assert core.get_model("m").latest_version == 2
