@@ -82,6 +82,8 @@ MODEL_FILE = "model.json"
 VERSIONS_DIR = "versions"
 META_FILE = "meta.json"
 WEIGHTS_FILE = "weights.safetensors"
+#: Scans of a version listing while versions vanish under it (see list_versions).
+LISTING_TRIES = 3
 HISTORY_DIR = history_files.HISTORY_DIR
 
 _MAX_CACHED_VERDICTS = 65_536
@@ -367,14 +369,19 @@ class ModelStore:
         self._check_open()
         name = check_name(name)
         self._read_model(name)
-        metas = []
-        for version in sorted(self._version_numbers(name)):
-            try:
-                metas.append(self._read_meta(name, version))
-            except NotFound:
-                continue  # removed by retention since the scan
-            except DataLoss as exc:
-                log.warning("store.skip_version", extra={"reason": exc.message})
+        for _ in range(LISTING_TRIES):
+            metas, vanished = [], False
+            for version in sorted(self._version_numbers(name)):
+                try:
+                    metas.append(self._read_meta(name, version))
+                except NotFound:
+                    vanished = True  # removed by retention since the scan
+                except DataLoss as exc:
+                    log.warning("store.skip_version", extra={"reason": exc.message})
+            if not vanished:
+                break
+            # A writer saved meanwhile (retention follows a save): the versions it added are
+            # not in this scan. Scan again, so a slow reader does not see too few, or none.
         return metas
 
     def load_version(self, name: str, version: int) -> tuple[VersionMeta, bytes]:

@@ -79,6 +79,9 @@ for _ in range(1_000_000):
         break
     try:
         listing = store.list_versions("m")
+        if not listing:  # every version listed was removed before it was read: look again
+            vanished += 1
+            continue
         pick = rng.random()
         if pick < 0.4:
             version = listing[-1].version
