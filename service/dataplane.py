@@ -71,7 +71,9 @@ class _Lane:
 class Batcher:
     """Groups prediction queries into forward passes. A lane runs at most ``max_running``
     passes at once; queries arriving meanwhile wait for the next, so passes grow with the
-    load. At most ``max_queued_rows`` rows wait per lane (TooBusy beyond)."""
+    load. A pass that is full already (``max_rows``) gains nothing by waiting: such passes
+    also start while fewer than ``max_full`` run, so large requests use every worker. At
+    most ``max_queued_rows`` rows wait per lane (TooBusy beyond)."""
 
     def __init__(
         self,
@@ -81,12 +83,14 @@ class Batcher:
         max_rows: int,
         max_queued_rows: int,
         max_running: int,
+        max_full: int | None = None,
     ) -> None:
         self.models = models
         self.workers = workers
         self.max_rows = max(1, max_rows)
         self.max_queued_rows = max(1, max_queued_rows)
         self.max_running = max(1, max_running)
+        self.max_full = max(self.max_running, max_full or 0)
         self._lanes: dict[Any, _Lane] = {}
 
     def submit(self, query: PredictQuery) -> Waiter:
@@ -106,7 +110,7 @@ class Batcher:
         waiter: Waiter = loop.create_future()
         lane.queue.append((query, waiter))
         lane.queued_rows += query.rows
-        if not lane.scheduled and lane.running < self.max_running:
+        if not lane.scheduled and self._may_start(lane):
             lane.scheduled = True
             # NOTE: call_soon runs after the loop has handled everything that arrived in the
             # same wake-up, so those queries share the pass.
@@ -123,9 +127,16 @@ class Batcher:
         lane.queued_rows -= rows
         return batch, rows
 
+    def _may_start(self, lane: _Lane) -> bool:
+        """Whether the lane may start a pass now: below ``max_running``, or below
+        ``max_full`` with a full pass queued."""
+        if lane.running < self.max_running:
+            return True
+        return lane.running < self.max_full and lane.queued_rows >= self.max_rows
+
     def _flush(self, key: Any, lane: _Lane) -> None:
         lane.scheduled = False
-        while lane.queue and lane.running < self.max_running:
+        while lane.queue and self._may_start(lane):
             batch, rows = self._take(lane)
             queries = [query for query, _ in batch]
             if lane.running == 0 and rows * queries[0].model.spec.n_params <= INLINE_MULTIPLY_ADDS:
@@ -230,6 +241,7 @@ class DataPlane:
             max_rows=settings.batch_rows,
             max_queued_rows=settings.max_queued_rows,
             max_running=max(1, self.workers.threads // 2),
+            max_full=self.workers.threads,
         )
         self.busy_poll = BusyPoll(settings.busy_poll_us / 1e6, lambda: not self.workers.busy)
         #: Elements of one tensor the adapters accept (a whole message of 4-byte numbers).

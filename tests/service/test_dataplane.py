@@ -296,6 +296,33 @@ def test_large_passes_run_in_a_worker_and_queries_wait_for_the_next(
     assert passes(models.metrics) == (2, float(big + 3))
 
 
+def test_full_passes_run_side_by_side_while_partial_ones_wait(
+    models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two workers one partial pass runs at a time (queries behind it batch up), but a
+    queued pass that is full already starts beside it: waiting would not make it larger."""
+    monkeypatch.setattr(dataplane, "INLINE_MULTIPLY_ADDS", 1000)
+    big = 1000 // N_PARAMS + 1
+    plane = plane_for(models, batch_rows=big)
+    assert (plane.batcher.max_running, plane.batcher.max_full) == (1, plane.workers.threads)
+    both_running = threading.Barrier(2, timeout=30)
+    compute = plane.batcher._compute
+
+    def meeting(queries: list[Any]) -> Any:
+        # Each full pass waits for the other: the barrier breaks (an error) unless two run
+        # at once.
+        both_running.wait()
+        return compute(queries)
+
+    monkeypatch.setattr(plane.batcher, "_compute", meeting)
+    try:
+        answers = run(together(plane, [{"name": "m", "inputs": rows(big, i)} for i in range(2)]))
+    finally:
+        plane.close()
+    assert all(isinstance(a, Prediction) for a in answers), answers
+    assert passes(models.metrics) == (2, float(2 * big))
+
+
 def test_after_shutdown_predictions_that_need_a_worker_answer_unavailable(
     models: Models, monkeypatch: pytest.MonkeyPatch
 ) -> None:
