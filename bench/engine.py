@@ -8,7 +8,8 @@ Cases: architectures A=[784,512,256,10], B=[64,128,10], C=[1024,2048,2048,1024,1
 hidden layers, softmax cross-entropy on integer labels); float32 and float64; batch 1, 32, 256
 and 1024; ``forward`` (Network.forward: validation, layers, softmax) and ``train`` steps
 (Network.train_step: validation, forward, loss, accuracy, backward, update, finiteness check)
-with sgd and adam (lr 1e-3, torch.optim's defaults otherwise).
+with sgd, adam and adamw (lr 1e-3, torch.optim's defaults otherwise: adamw's weight decay
+0.01).
 
 Each case times three implementations interleaved in one run, so that the host's noise hits
 all of them alike, and reports medians:
@@ -18,12 +19,18 @@ all of them alike, and reports medians:
   a @ W per layer; train: those, dW = a_prev^T dZ per layer and dA_prev = dZ W^T below the top
   layer), each in numpy's fastest form (see _gemm_floor);
 - torch (when importable): nn.Sequential of nn.Linear/nn.ReLU with the engine's initial
-  weights, nn.CrossEntropyLoss and torch.optim.SGD/Adam, fed from the same numpy arrays.
+  weights, nn.CrossEntropyLoss and torch.optim.SGD/Adam/AdamW, fed from the same numpy arrays.
 
 GFLOP/s counts 2 x batch x params per forward and 6 x batch x params per train step.
 frac_gemm_floor = floor time / engine time; ratio_torch = engine time / torch time (< 1: the
 engine is faster). BLAS threads are set for numpy (threadpoolctl, or the environment before
 numpy loads) and torch alike: --threads, default the machine's cores.
+
+other_cpu is the CPU time other processes used while the case ran, in cores (from Linux's
+/proc/stat, less this process's own time; None elsewhere), and steal the time the hypervisor
+gave the machine's cores to others: on a shared 2-core machine a case measured beside
+another process's work (other_cpu of a tenth of a core or more) stalls both libraries' thread
+pools at random, and its ratios say more about that than about the code.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ ARCHS: dict[str, list[int]] = {
 }
 DTYPES = ("float32", "float64")
 BATCHES = (1, 32, 256, 1024)
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 LR = 1e-3
 
 Fn = Callable[[], object]
@@ -130,6 +137,39 @@ def _machine(threads: int, torch: Any) -> dict[str, Any]:
 # -- timing ----------------------------------------------------------------------------------
 
 
+class _Interference:
+    """CPU time that other processes (other_cpu) and the hypervisor (steal) took, in cores,
+    between entering and leaving the block; both None where /proc/stat is missing."""
+
+    other_cpu: float | None = None
+    steal: float | None = None
+
+    def __enter__(self) -> _Interference:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._read()
+        if self._start is None or end is None:
+            return
+        wall = end[0] - self._start[0]
+        self.other_cpu = max(0.0, (end[1] - self._start[1]) / wall)
+        self.steal = (end[2] - self._start[2]) / wall
+
+    @staticmethod
+    def _read() -> tuple[float, float, float] | None:
+        """(wall seconds, busy CPU seconds of everything but this process, steal seconds)."""
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        except OSError:
+            return None
+        user, nice, system, _, _, irq, softirq, steal = (int(v) for v in fields[1:9])
+        ticks = os.sysconf("SC_CLK_TCK")
+        own = sum(os.times()[:2])  # every thread of this process, BLAS and torch pools included
+        busy = (user + nice + system + irq + softirq) / ticks
+        return time.perf_counter(), busy - own, steal / ticks
+
+
 def _time_interleaved(
     fns: dict[str, Fn], pools: dict[str, str], budget_s: float, min_rounds: int, settle_s: float
 ) -> dict[str, float]:
@@ -146,6 +186,11 @@ def _time_interleaved(
     pool (``pools[name]``) changes, the next function first runs untimed for ``settle_s``. A
     sleep would not do: on this virtual machine idle cores wake up slowly, and the first
     calls after one take 10-100x longer.
+
+    Every block is timed warm, as a training or serving loop runs: one untimed call of the
+    function comes first where no settle did. Without it, a function timed right after
+    another one's settle ran with its data evicted by ``settle_s`` of the other's calls (the
+    engine's b32 step read 1.27 ms that way beside torch against 0.82 ms alone).
     """
     names = list(fns)
     calls: dict[str, int] = {}
@@ -172,6 +217,8 @@ def _time_interleaved(
                 fn()
                 while time.perf_counter() - settled < settle_s:
                     fn()
+            else:
+                fn()  # warm: see the docstring
             t0 = time.perf_counter()
             for _ in range(k):
                 fn()
@@ -260,7 +307,9 @@ def _torch_impl(torch: Any, net: Network, x: Any, y: Any, op: str, optimizer: st
 
         return forward
     loss_fn = nn.CrossEntropyLoss()
-    opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[
+        optimizer
+    ]
     opt = opt_cls(model.parameters(), lr=LR)
 
     def train() -> object:
@@ -301,7 +350,8 @@ def run_case(
     if torch is not None:
         fns["torch"] = _torch_impl(torch, net, x, y, op, optimizer or "sgd")
     pools = {name: "torch" if name == "torch" else "numpy" for name in fns}
-    medians = _time_interleaved(fns, pools, budget_s, min_rounds, settle_s)
+    with _Interference() as interference:
+        medians = _time_interleaved(fns, pools, budget_s, min_rounds, settle_s)
     params = net.spec.n_params
     flops = (2 if op == "forward" else 6) * batch * params
     median = medians["engine"]
@@ -321,6 +371,8 @@ def run_case(
         "frac_gemm_floor": medians["floor"] / median,
         "torch_s": torch_s,
         "ratio_torch": None if torch_s is None else median / torch_s,
+        "other_cpu": interference.other_cpu,
+        "steal": interference.steal,
     }
 
 
@@ -339,18 +391,19 @@ def _print_table(machine: dict[str, Any], rows: list[dict[str, Any]], note: str)
     header = (
         f"{'arch':<4} {'dtype':<7} {'batch':>5} {'op':<7} {'opt':<4} {'median ms':>10} "
         f"{'samples/s':>10} {'GFLOP/s':>8} {'floor ms':>9} {'frac floor':>10} "
-        f"{'torch ms':>9} {'x torch':>8}"
+        f"{'torch ms':>9} {'x torch':>8} {'other':>6}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         torch_ms = "-" if r["torch_s"] is None else f"{r['torch_s'] * 1e3:.3f}"
         ratio = "-" if r["ratio_torch"] is None else f"{r['ratio_torch']:.2f}"
+        other = "-" if r["other_cpu"] is None else f"{r['other_cpu']:.2f}"
         print(
             f"{r['arch']:<4} {r['dtype']:<7} {r['batch']:>5} {r['op']:<7} "
             f"{r['optimizer'] or '-':<4} {r['median_s'] * 1e3:>10.3f} "
             f"{r['samples_per_s']:>10.0f} {r['gflops']:>8.1f} {r['floor_s'] * 1e3:>9.3f} "
-            f"{r['frac_gemm_floor']:>10.2f} {torch_ms:>9} {ratio:>8}"
+            f"{r['frac_gemm_floor']:>10.2f} {torch_ms:>9} {ratio:>8} {other:>6}"
         )
 
 
@@ -391,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     note = (
         f"medians of interleaved samples, >= {min_rounds} rounds and ~{budget:g} s per case "
         "(heavy cases: 3 rounds); frac floor = GEMM-only time / engine time; "
-        "x torch = engine time / torch time"
+        "x torch = engine time / torch time; other = other processes' CPU, in cores"
     )
     rows: list[dict[str, Any]] = []
     for arch in args.arch:
