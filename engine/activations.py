@@ -1,9 +1,14 @@
 """Activation functions as explicit forward/backward pairs.
 
 Shapes: every array is (batch, units). ``forward(z, out)`` writes a = f(z) into ``out`` (which
-may be ``z`` itself, for in-place use at inference). ``backward(d_a, z, a, out)`` writes
-dZ = dA * f'(z) into ``out``, given the forward pass's z and a; ``out`` must not alias
-``d_a``.
+may be ``z`` itself, for in-place use). ``backward(d_a, z, a, out)`` writes dZ = dA * f'(z)
+into ``out``, given the forward pass's z and a. Two properties let a training pass keep fewer
+buffers (each one fewer to stream through the caches):
+
+- the activations in ``FROM_OUTPUT`` take f'(z) from a alone and never read z, so they may
+  run in place, with the same buffer handed as z and a;
+- those in ``BACKWARD_IN_PLACE`` read d_a once, elementwise, in their last operation, so
+  ``out`` may be ``d_a`` itself; for the others ``out`` must not alias ``d_a``.
 
 Softmax appears only as the fused output of softmax cross-entropy: its forward is here (for
 predictions), its backward is folded into the loss (see losses.py).
@@ -38,13 +43,20 @@ def identity_backward(d_a: Array, z: Array, a: Array, out: Array) -> Array:
     return out
 
 
-def relu_forward(z: Array, out: Array) -> Array:
-    return np.maximum(z, 0, out=out)
+def relu_forward(z: Array, out: Array, zeros: Array | None = None) -> Array:
+    """a = max(z, 0). ``zeros``: optionally, an array of zeros with z's shape and layout.
+
+    NOTE: numpy's maximum against the scalar 0 runs a loop about 2.5x slower than against an
+    array of zeros laid out as z (the training workspace keeps one; docs/performance.md,
+    "Engine"). Both give the same values.
+    """
+    return np.maximum(z, 0 if zeros is None else zeros, out=out)
 
 
 def relu_backward(d_a: Array, z: Array, a: Array, out: Array) -> Array:
-    # NOTE: the derivative at z == 0 is taken as 0, as torch does.
-    return np.multiply(d_a, z > 0, out=out)
+    # NOTE: the derivative at z == 0 is taken as 0, as torch does; a > 0 exactly where z > 0
+    # (NaN in neither), so the mask is taken from a.
+    return np.multiply(d_a, a > 0, out=out)
 
 
 def leaky_relu_forward(z: Array, out: Array) -> Array:
@@ -54,9 +66,10 @@ def leaky_relu_forward(z: Array, out: Array) -> Array:
 
 
 def leaky_relu_backward(d_a: Array, z: Array, a: Array, out: Array) -> Array:
-    # NOTE: at z == 0 the slope branch is used (torch: z > 0 ? 1 : slope).
+    # NOTE: at z == 0 the slope branch is used (torch: z > 0 ? 1 : slope). With 0 < slope,
+    # a > 0 exactly where z > 0, so the mask is taken from a.
     np.multiply(d_a, LEAKY_SLOPE, out=out)
-    np.copyto(out, d_a, where=z > 0)
+    np.copyto(out, d_a, where=a > 0)
     return out
 
 
@@ -156,6 +169,11 @@ FORWARD: dict[str, Forward] = {
     "gelu": gelu_forward,
     "softmax": softmax_forward,
 }
+
+#: Activations whose backward reads only a (see the module docstring).
+FROM_OUTPUT = frozenset({"identity", "relu", "leaky_relu", "sigmoid", "tanh"})
+#: Activations whose backward may write into d_a (see the module docstring).
+BACKWARD_IN_PLACE = frozenset({"identity", "relu", "sigmoid", "tanh", "gelu"})
 
 BACKWARD: dict[str, Backward] = {
     "identity": identity_backward,

@@ -12,6 +12,7 @@ They return the loss as a Python float. ``grad`` must not alias ``z`` or ``a``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -74,29 +75,39 @@ def softmax_cross_entropy(z: Array, a: Array, y: NDArray[Any], grad: Array) -> f
     NOTE: subtracting the row maximum (log-sum-exp) keeps exp from overflowing, and taking
     lse - s instead of -log(softmax) keeps log away from 0 for confident wrong answers.
     """
-    batch = z.shape[0]
-    np.subtract(z, z.max(axis=1, keepdims=True), out=grad)
-    labels = y.ndim == 1
-    if labels:
-        rows = np.arange(batch)
-        picked = float(grad[rows, y].sum(dtype=np.float64))
-    else:
-        picked = float(np.multiply(y, grad).sum(dtype=np.float64))
+    batch: int = z.shape[0]
+    # NOTE: the ufuncs' reduce rather than the methods z.max and grad.sum, which reach the same
+    # reduction through a Python wrapper each; every call counts on (batch, classes) arrays.
+    np.subtract(z, np.maximum.reduce(z, axis=1, keepdims=True), out=grad)
+    if y.ndim == 1:
+        rows = _rows(batch)
+        picked = float(np.add.reduce(grad[rows, y], dtype=np.float64))
+        np.exp(grad, out=grad)
+        sums = np.add.reduce(grad, axis=1, keepdims=True)
+        loss = (float(np.add.reduce(np.log(sums), axis=None, dtype=np.float64)) - picked) / batch
+        # (exp(s) / sums - onehot) / B, with the two divisions as one multiplication
+        grad *= np.divide(1.0 / batch, sums)
+        grad[rows, y] -= 1.0 / batch
+        return loss
+    picked = float(np.multiply(y, grad).sum(dtype=np.float64))
     np.exp(grad, out=grad)
-    sums = grad.sum(axis=1, keepdims=True)
+    sums = np.add.reduce(grad, axis=1, keepdims=True)
     lse = np.log(sums).reshape(-1)
-    if labels:
-        loss = (float(lse.sum(dtype=np.float64)) - picked) / batch
-        grad /= sums
-        grad[rows, y] -= 1.0
-    else:
-        weights = y.sum(axis=1)
-        loss = (float(np.dot(lse.astype(np.float64), weights)) - picked) / batch
-        grad /= sums
-        grad *= weights[:, None]
-        grad -= y
+    weights = y.sum(axis=1)
+    loss = (float(np.dot(lse.astype(np.float64), weights)) - picked) / batch
+    grad /= sums
+    grad *= weights[:, None]
+    grad -= y
     grad *= 1.0 / batch
-    return float(loss)
+    return loss
+
+
+@functools.lru_cache(maxsize=8)
+def _rows(batch: int) -> NDArray[np.intp]:
+    """0, 1, ..., batch - 1, read-only: the row index of each label."""
+    rows = np.arange(batch)
+    rows.flags.writeable = False
+    return rows
 
 
 LOSSES: dict[str, Loss] = {

@@ -11,7 +11,14 @@ An update is two-phase so that a refused step changes nothing:
 - ``commit()`` makes the candidate slots current and counts the step; skipping it discards
   them.
 
-``grad`` is scratch space: ``propose`` may overwrite it.
+``grad`` and ``out`` are the update's scratch space: ``propose`` may overwrite ``grad``, and
+uses ``out`` before it writes the result there. Every pass runs in place (``out=``) on those
+arrays, the spare slots and nothing else, so an update allocates nothing and touches as few
+parameter-sized arrays as the double-buffered slots allow.
+
+NOTE: numpy's elementwise operations run on one core and each call is one pass over the
+parameters; the passes that reach memory (the first touch of a slot, theta or out) cost
+most. Each optimizer below takes the fewest passes its update rule allows in numpy.
 """
 
 from __future__ import annotations
@@ -39,7 +46,6 @@ class Optimizer:
         self.step = 0
         self.slots: dict[str, Array] = {name: np.zeros(size, dtype) for name in self.slot_names}
         self._spare: dict[str, Array] = {name: np.empty(size, dtype) for name in self.slot_names}
-        self._scratch = np.empty(size, dtype)
 
     def propose(self, theta: Array, grad: Array, lr: float, out: Array) -> None:
         raise NotImplementedError
@@ -65,11 +71,11 @@ class Optimizer:
             np.copyto(self.slots[name], value)
         self.step = step
 
-    def _add_weight_decay(self, theta: Array, grad: Array) -> None:
+    def _add_weight_decay(self, theta: Array, grad: Array, scratch: Array) -> None:
         """L2 penalty as torch adds it: g <- g + weight_decay * theta (before momentum)."""
         if self.spec.weight_decay:
-            np.multiply(theta, self.spec.weight_decay, out=self._scratch)
-            grad += self._scratch
+            np.multiply(theta, self.spec.weight_decay, out=scratch)
+            grad += scratch
 
 
 class SGD(Optimizer):
@@ -90,25 +96,24 @@ class SGD(Optimizer):
 
     def propose(self, theta: Array, grad: Array, lr: float, out: Array) -> None:
         spec = self.spec
-        self._add_weight_decay(theta, grad)
+        self._add_weight_decay(theta, grad, out)
         if spec.momentum:
             buf = self._spare["momentum_buffer"]
             if self.step == 0:
                 np.copyto(buf, grad)
             else:
                 np.multiply(self.slots["momentum_buffer"], spec.momentum, out=buf)
-                if spec.dampening:
-                    np.multiply(grad, 1.0 - spec.dampening, out=self._scratch)
-                    buf += self._scratch
-                else:
-                    buf += grad
+                if spec.dampening:  # never with nesterov (the spec refuses it), which reads g
+                    grad *= 1.0 - spec.dampening
+                buf += grad
             if spec.nesterov:
-                np.multiply(buf, spec.momentum, out=self._scratch)
-                grad += self._scratch
+                np.multiply(buf, spec.momentum, out=out)
+                grad += out
             else:
-                grad = buf
-        np.multiply(grad, -lr, out=self._scratch)
-        np.add(theta, self._scratch, out=out)
+                grad = buf  # the new slot: read from here on, never written
+        # theta + (-lr) * g, added in the other order (the same sum)
+        np.multiply(grad, -lr, out=out)
+        out += theta
 
 
 class Adam(Optimizer):
@@ -121,6 +126,13 @@ class Adam(Optimizer):
         theta = theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
     eps is added after the square root and after bias correction, as torch does.
+
+    NOTE: the last line is computed as theta - (lr sqrt(1 - beta2^t) / (1 - beta1^t)) * m /
+    (sqrt(v) + eps sqrt(1 - beta2^t)), the same value with the bias correction moved onto the
+    scalars, which saves a pass over the parameters, and g^2 (1 - beta2) is squared in place
+    before it is scaled; both round differently from torch by an ulp or two per step
+    (tests/engine/test_optimizers.py states the tolerance). m is updated as torch's lerp does,
+    m + (1 - beta1) (g - m).
     """
 
     slot_names = ("exp_avg", "exp_avg_sq")
@@ -141,27 +153,29 @@ class Adam(Optimizer):
         beta1, beta2 = spec.betas
         t = self.step + 1
         if not self.decoupled:
-            self._add_weight_decay(theta, grad)
+            self._add_weight_decay(theta, grad, out)
         m, v = self._spare["exp_avg"], self._spare["exp_avg_sq"]
-        scratch = self._scratch
-        np.multiply(self.slots["exp_avg"], beta1, out=m)
-        np.multiply(grad, 1.0 - beta1, out=scratch)
-        m += scratch
-        np.multiply(self.slots["exp_avg_sq"], beta2, out=v)
-        np.multiply(grad, grad, out=scratch)
-        scratch *= 1.0 - beta2
-        v += scratch
-        # denominator sqrt(v) / sqrt(1 - beta2^t) + eps, into scratch
-        np.sqrt(v, out=scratch)
-        scratch *= 1.0 / math.sqrt(1.0 - beta2**t)
-        scratch += spec.eps
-        np.divide(m, scratch, out=scratch)
-        scratch *= -lr / (1.0 - beta1**t)
+        m_old, v_old = self.slots["exp_avg"], self.slots["exp_avg_sq"]
+        # m = m_old + (1 - beta1) (g - m_old)
+        np.subtract(grad, m_old, out=m)
+        m *= 1.0 - beta1
+        m += m_old
+        # v = beta2 v_old + (1 - beta2) g^2, g^2 in place of g (out is first written last)
+        np.multiply(v_old, beta2, out=v)
+        grad *= grad
+        grad *= 1.0 - beta2
+        v += grad
+        # the update, -step m / (sqrt(v) + eps'), into grad (see the class docstring)
+        correction2 = math.sqrt(1.0 - beta2**t)
+        np.sqrt(v, out=grad)
+        grad += spec.eps * correction2
+        np.divide(m, grad, out=grad)
+        grad *= -lr * correction2 / (1.0 - beta1**t)
         if self.decoupled and spec.weight_decay:
             np.multiply(theta, 1.0 - lr * spec.weight_decay, out=out)
-            out += scratch
+            out += grad
         else:
-            np.add(theta, scratch, out=out)
+            np.add(theta, grad, out=out)
 
 
 def make_optimizer(spec: OptimizerSpec, size: int, dtype: np.dtype[np.floating]) -> Optimizer:

@@ -367,11 +367,15 @@ def test_published_snapshots_are_immutable() -> None:
         snapshot.weights[0][0, 0] = 1.0
 
 
-def test_concurrent_readers_never_see_a_mix_of_two_steps() -> None:
+@pytest.mark.parametrize(
+    "optimizer", [{"name": "sgd", "lr": 0.5}, {"name": "adam", "lr": 0.05}], ids=["sgd", "adam"]
+)
+def test_concurrent_readers_never_see_a_mix_of_two_steps(optimizer: dict[str, Any]) -> None:
     """Readers predict while a writer trains; every prediction must equal the forward pass of
     exactly one published step. A torn read (some layers from step k, others from k+1) gives
-    outputs that match no step's forward."""
-    net = classifier(optimizer={"name": "sgd", "lr": 0.5})
+    outputs that match no step's forward. Plain sgd writes the update from the backward pass
+    into the new array, adam from its own passes: both publish only finished arrays."""
+    net = classifier(optimizer=optimizer)
     probe = np.random.default_rng(9).normal(size=(3, 4)).astype(np.float32)
     published = {0: net.params}
     seen: list[tuple[int, np.ndarray]] = []

@@ -7,8 +7,20 @@ same weights, feeds it the same 20 batches and checks, at every step, the loss (
 on the weights before the update) and every weight and bias after the update; finally
 the forward outputs on a probe input.
 
-Tolerance: max relative error <= 1e-6, elementwise |ours - ref| / max(|ref|, 1e-6), so
-entries smaller than 1e-6 in magnitude are held to an absolute 1e-12.
+Tolerance: max relative error <= 1e-11, elementwise |ours - ref| / max(|ref|, 1e-6), so
+entries smaller than 1e-6 in magnitude are held to an absolute 1e-17.
+
+The engine and torch agree to ~1e-13 here (2.4e-13 at worst, in sgd_momentum_clip), not to
+the bit: the matrix products sum in another order (OpenBLAS against MKL), torch fuses some
+multiply-adds, and the engine reorders two updates to take fewer passes over the parameters:
+
+- Adam and AdamW move the bias correction sqrt(1 - beta2^t) from the denominator onto the
+  scalars (engine/optimizers.py; test_optimizers.py checks it against torch's own order);
+- plain SGD scales dL/d(output) by -lr before backpropagation, so the backward pass writes
+  -lr * grad, instead of scaling each layer's dL/dz (engine/network.py, Network.apply).
+
+Each reordering rounds a value differently by an ulp or so per step, which 20 steps keep
+far below 1e-11, while any float32 arithmetic or semantic difference would exceed it.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ DATA_PATH = Path(__file__).resolve().parent / "data" / "torch_reference.json"
 REFERENCE: dict[str, Any] = json.loads(DATA_PATH.read_text())
 CASES: dict[str, dict[str, Any]] = {case["name"]: case for case in REFERENCE["cases"]}
 
-RTOL = 1e-6
+RTOL = 1e-11
 FLOOR = 1e-6
 
 # One line per reference case; together they cover every hidden activation and loss.
