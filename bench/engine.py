@@ -189,8 +189,8 @@ def _time_interleaved(
 
     Every block is timed warm, as a training or serving loop runs: one untimed call of the
     function comes first where no settle did. Without it, a function timed right after
-    another one's settle ran with its data evicted by ``settle_s`` of the other's calls (the
-    engine's b32 step read 1.27 ms that way beside torch against 0.82 ms alone).
+    another one's settle ran with its data evicted by ``settle_s`` of the other's calls
+    (docs/performance.md, "Engine", has what that did to the engine's figures).
     """
     names = list(fns)
     calls: dict[str, int] = {}

@@ -46,9 +46,9 @@ def identity_backward(d_a: Array, z: Array, a: Array, out: Array) -> Array:
 def relu_forward(z: Array, out: Array, zeros: Array | None = None) -> Array:
     """a = max(z, 0). ``zeros``: optionally, an array of zeros with z's shape and layout.
 
-    NOTE: numpy's maximum against the scalar 0 runs a loop about 2.5x slower than against an
-    array of zeros laid out as z (the training workspace keeps one; docs/performance.md,
-    "Engine"). Both give the same values.
+    NOTE: numpy's maximum against the scalar 0 runs a much slower loop than against an array
+    of zeros laid out as z (docs/performance.md, "Engine", has the figures), so the training
+    workspace keeps one. Both give the same values.
     """
     return np.maximum(z, 0 if zeros is None else zeros, out=out)
 

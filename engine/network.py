@@ -193,12 +193,11 @@ class _Workspace:
     Buffers are shared where the math allows: a is z for identity layers, for a fused output
     and for hidden activations computed in place (see activations.FROM_OUTPUT), and dL/dz is
     dL/da for identity layers and for activations whose backward may run in place (see
-    activations.BACKWARD_IN_PLACE). Every buffer is column-major (see :func:`_order`), the output
-    layer's too: the loss and accuracy reduce each row of (batch, outputs), which numpy does
-    2-3x faster across the rows of a column-major array than row by row along a row-major one
-    (softmax cross-entropy on (256, 10) and (1024, 10)).
-    ``activation[i]`` is layer i's forward (None where a is z unchanged) and ``apply_backward[i]``
-    whether its backward runs.
+    activations.BACKWARD_IN_PLACE). Every buffer is column-major (see :func:`_order`), the
+    output layer's too: the loss and accuracy reduce each row of (batch, outputs), which numpy
+    does faster across the rows of a column-major array than row by row along a row-major one
+    (docs/performance.md, "Engine"). ``activation[i]`` is layer i's forward (None where a is z
+    unchanged) and ``apply_backward[i]`` whether its backward runs.
     """
 
     def __init__(self, spec: ModelSpec, batch: int) -> None:
