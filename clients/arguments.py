@@ -142,26 +142,13 @@ def export(layout: Any, format: Any) -> tuple[str, str]:
 def history_range(
     since: Any, until: Any, every: Any, limit: Any
 ) -> tuple[int | None, int | None, int, int | None]:
-    """(since, until, every, limit) of a history request: steps >= 0, every >= 1, a limit
-    from 1 to wire.MAX_HISTORY_POINTS (None: the server's most)."""
-    checked = []
-    for what, given, low in (("since", since, 0), ("until", until, 0), ("every", every, 1)):
-        value = _plain_int(given)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**63
-        ):
-            raise InvalidArgument(f"{what} must be an integer >= {low}, got {value!r:.40}")
-        checked.append(value)
-    limit = _plain_int(limit)
-    if limit is not None and (
-        isinstance(limit, bool)
-        or not isinstance(limit, int)
-        or not 1 <= limit <= wire.MAX_HISTORY_POINTS
-    ):
-        raise InvalidArgument(
-            f"limit must be an integer from 1 to {wire.MAX_HISTORY_POINTS}, got {limit!r:.40}"
-        )
-    return checked[0], checked[1], checked[2] or 1, limit
+    """(since, until, every, limit) of a history request, by wire.history_problem's rules
+    (every None: 1; limit None: the server's default)."""
+    since, until, every, limit = (_plain_int(v) for v in (since, until, every, limit))
+    problem = wire.history_problem(since, until, every, limit)
+    if problem:
+        raise InvalidArgument(problem)
+    return since, until, every or 1, limit
 
 
 def learning_rate(value: Any) -> float | None:

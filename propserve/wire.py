@@ -213,6 +213,24 @@ def export_problem(layout: object, format: object) -> str | None:
 MAX_HISTORY_POINTS = 100_000
 
 
+def history_problem(since: object, until: object, every: object, limit: object) -> str | None:
+    """Why a history request's range is not valid, or None: ``since`` and ``until`` steps
+    (None: open), ``every`` at least 1, ``limit`` from 1 to MAX_HISTORY_POINTS (None: the
+    server's default). Integers are strict."""
+    bounds = [
+        ("since", since, 0, MAX_VERSION),
+        ("until", until, 0, MAX_VERSION),
+        ("every", every, 1, MAX_VERSION),
+        ("limit", limit, 1, MAX_HISTORY_POINTS),
+    ]
+    for what, value, low, high in bounds:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
+        ):
+            return f"invalid {what} {value!r:.40}: expected an integer from {low} to {high}"
+    return None
+
+
 # -- records ------------------------------------------------------------------------------
 
 

@@ -280,10 +280,8 @@ class Models:
             )
         if weights is None:
             network = Network(parsed)
-        elif layout not in wire.WEIGHT_LAYOUTS:
-            raise InvalidArgument(wire.export_problem(layout, "safetensors") or "bad layout")
         else:
-            try:
+            try:  # the engine refuses an unknown layout too
                 network = import_weights(parsed, weights, layout=layout)
             except EngineError as exc:
                 raise InvalidArgument(f"weights: {exc}") from None
@@ -659,15 +657,9 @@ class Models:
         """The head's training history from ``since`` to ``until`` (both included), one
         point per step or per bucket of ``every`` steps (see History.query), at most
         ``limit`` points (None: DEFAULT_HISTORY_POINTS)."""
-        if limit is not None and (
-            isinstance(limit, bool)
-            or not isinstance(limit, int)
-            or not 1 <= limit <= wire.MAX_HISTORY_POINTS
-        ):
-            raise InvalidArgument(
-                f"invalid limit {limit!r:.40}: expected an integer from 1 to "
-                f"{wire.MAX_HISTORY_POINTS}"
-            )
+        problem = wire.history_problem(since, until, every, limit)
+        if problem:
+            raise InvalidArgument(problem)
         model = self._model(name)
         part = model.history.query(
             since=since, until=until, every=every, limit=limit or DEFAULT_HISTORY_POINTS

@@ -92,6 +92,36 @@ def unary(
     return wrap
 
 
+StreamMethod = Callable[[Any, Request, Context], AsyncIterator[Response]]
+
+
+def server_stream(
+    operation: str,
+) -> Callable[[StreamMethod[Request, Response]], StreamMethod[Request, Response]]:
+    """A server-streaming method run in the data plane's call context: a failure before or
+    between its replies ends the stream with the wire code's status."""
+
+    def wrap(method: StreamMethod[Request, Response]) -> StreamMethod[Request, Response]:
+        @functools.wraps(method)
+        async def handler(
+            self: Served, request: Request, context: Context
+        ) -> AsyncIterator[Response]:
+            call = None
+            try:
+                call = call_context(self.plane, operation, context)
+                with call:
+                    if isinstance(request, Undecodable):
+                        raise InvalidArgument(request.reason)
+                    async for reply in method(self, request, context):
+                        yield reply
+            except Exception as exc:
+                await abort(context, exc, call)
+
+        return handler
+
+    return wrap
+
+
 #: The most bytes of a file in one WeightsChunk.
 EXPORT_CHUNK = 1 << 20
 
@@ -153,30 +183,22 @@ class ModelService(pb_grpc.ModelServiceServicer):
         )
         return convert.model_out(model)
 
+    @server_stream("ExportWeights")
     async def ExportWeights(
         self, request: pb.ExportWeightsRequest, context: Context
     ) -> AsyncIterator[pb.WeightsChunk]:
         """The file in chunks of at most EXPORT_CHUNK bytes; the first says what it is."""
-        call = None
-        try:
-            call = call_context(self.plane, "ExportWeights", context)
-            with call:
-                if isinstance(request, Undecodable):
-                    raise InvalidArgument(request.reason)
-                exported = await self.plane.export_weights(
-                    request.model,
-                    request.version,
-                    layout=request.layout or "propserve",
-                    format=request.format or "safetensors",
-                )
-                data = memoryview(exported.data)
-                yield pb.WeightsChunk(
-                    info=convert.weights_info_out(exported), data=data[:EXPORT_CHUNK].tobytes()
-                )
-                for start in range(EXPORT_CHUNK, len(data), EXPORT_CHUNK):
-                    yield pb.WeightsChunk(data=data[start : start + EXPORT_CHUNK].tobytes())
-        except Exception as exc:
-            await abort(context, exc, call)
+        exported = await self.plane.export_weights(
+            request.model,
+            request.version,
+            layout=request.layout or "propserve",
+            format=request.format or "safetensors",
+        )
+        data = memoryview(exported.data)
+        info = convert.weights_info_out(exported)
+        yield pb.WeightsChunk(info=info, data=data[:EXPORT_CHUNK].tobytes())
+        for start in range(EXPORT_CHUNK, len(data), EXPORT_CHUNK):
+            yield pb.WeightsChunk(data=data[start : start + EXPORT_CHUNK].tobytes())
 
     @unary("GetModel")
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
@@ -255,24 +277,15 @@ class ModelService(pb_grpc.ModelServiceServicer):
         )
         return convert.history_out(history)
 
+    @server_stream("WatchHistory")
     async def WatchHistory(
         self, request: pb.WatchHistoryRequest, context: Context
     ) -> AsyncIterator[pb.History]:
         """The history from a step on, then each new part as it is trained."""
-        call = None
-        try:
-            call = call_context(self.plane, "WatchHistory", context)
-            with call:
-                if isinstance(request, Undecodable):
-                    raise InvalidArgument(request.reason)
-                since = request.since if request.HasField("since") else None
-                parts = self.plane.watch_history(
-                    request.model, since=since, every=request.every or 1
-                )
-                async for part in parts:
-                    yield convert.history_out(part)
-        except Exception as exc:
-            await abort(context, exc, call)
+        since = request.since if request.HasField("since") else None
+        parts = self.plane.watch_history(request.model, since=since, every=request.every or 1)
+        async for part in parts:
+            yield convert.history_out(part)
 
     @unary("SaveVersion")
     async def SaveVersion(self, request: pb.SaveVersionRequest, context: Context) -> pb.Version:
