@@ -58,8 +58,12 @@ def lease_of_path(root: Path) -> dict[str, Any]:
 
 
 def other_host_lease(path: Path, renewed: float) -> None:
+    """The lease file of another host's writer, replaced whole as a writer does (a reader
+    must never find it half written: it would read no holder at all)."""
     doc = {"id": "elsewhere", "host": "another-host", "pid": 1, "start": "1", "renewed": renewed}
-    path.write_text(json.dumps(doc))
+    temporary = path.with_name(f"{path.name}.elsewhere")
+    temporary.write_text(json.dumps(doc))
+    os.replace(temporary, path)
 
 
 def test_the_lease_names_the_writer_and_goes_with_it(tmp_path: Path) -> None:
