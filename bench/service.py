@@ -25,7 +25,10 @@ Targets:
 - gRPC single-row Predict p50 at concurrency 1 <= 1.5x (echo p50 + in-process forward);
 - 256-row Predict at concurrency 8 (gRPC, REST base64) >= 0.7x the in-process forward
   throughput of 256 rows with the server's workers and BLAS threads (``ratio_forward``,
-  measured in the same run; REST JSON numbers beside it as information);
+  measured in the same run; REST JSON numbers beside it as information). Beside it,
+  ``ratio_cpu_bound``: the most such requests a second the host's cores could serve at the
+  CPU a request cost the server and the load generator together in this case, over the
+  same in-process rate: what ratio_forward could reach at best with that cost per request;
 - gRPC single-row Predict at concurrency 64: the server's CPU per request <= 1.25x the bare
   echo's plus the in-process forward (``cpu_ratio``);
 - the server's RSS growth over the second load <= 10%.
@@ -286,6 +289,10 @@ def attach_targets(results: list[dict[str, Any]], forward_s: float) -> None:
     for r in results:
         if r["op"] == "predict" and r["rows"] == 256:
             r["ratio_forward"] = r["throughput"] / r["forward_throughput"]
+            cpu = (r.get("server_cpu_per_req_s") or 0.0) + (r.get("client_cpu_per_req_s") or 0.0)
+            if cpu:
+                r["cpu_bound_throughput"] = (os.cpu_count() or 1) / cpu
+                r["ratio_cpu_bound"] = r["cpu_bound_throughput"] / r["forward_throughput"]
             if r["concurrency"] == LARGE_CONCURRENCY and r["transport"] != "rest":
                 r["target"] = f"ratio_forward >= {TARGETS['large_predict']}"
                 r["met"] = r["ratio_forward"] >= TARGETS["large_predict"]
@@ -440,7 +447,10 @@ def _target(r: dict[str, Any]) -> str:
         return ""
     measured = r["target"].split()[0]
     if measured == "ratio_forward":
-        shown = f"{measured} {r[measured]:.2f} (fwd {report.rate(r['forward_throughput'])}/s) "
+        bound = f"; CPU bound {r['ratio_cpu_bound']:.2f}" if "ratio_cpu_bound" in r else ""
+        shown = (
+            f"{measured} {r[measured]:.2f} (fwd {report.rate(r['forward_throughput'])}/s{bound}) "
+        )
     elif measured == "cpu_ratio":
         shown = f"{measured} {r[measured]:.2f} (echo+fwd {r['cpu_baseline'] * 1e6:.0f} us) "
     else:
